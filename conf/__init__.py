@@ -1,0 +1,1 @@
+"""zorefine's Hydra configs (installed as the package ``zorefine.conf``)."""

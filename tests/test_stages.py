@@ -1,0 +1,122 @@
+"""Each stage on micro checkpoints of two architectures (Llama and GPT-2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_cfg
+from zorefine.config import Stage
+from zorefine.models.loading import load_causal_lm
+from zorefine.pipeline import Run, run_pipeline
+from zorefine.stages import align, analyze, evaluate, refine
+from zorefine.trajectory import iter_steps, read_trajectory
+from zorefine.zo import ZOEngine
+
+
+def _weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_align_trains_and_writes_a_checkpoint(micro_checkpoint, tmp_path):
+    run = Run(make_cfg(micro_checkpoint), tmp_path)
+    summary = align.run(run)
+    out = tmp_path / "checkpoints" / "aligned"
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert summary["num_examples"] == 20 and summary["train_loss"] > 0
+    before, after = _weights(micro_checkpoint), _weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_align_disabled_passes_the_checkpoint_through(micro_checkpoint, tmp_path):
+    run = Run(make_cfg(micro_checkpoint, **{"align.enabled": False}), tmp_path)
+    assert align.run(run) == {"enabled": False, "checkpoint": str(micro_checkpoint)}
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_analyze_ranks_every_layer_and_selects_top_k(micro_checkpoint, tmp_path):
+    run = Run(make_cfg(micro_checkpoint, **{"analyze.top_k": 2}), tmp_path)
+    summary = analyze.run(run)
+    report = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert len(report["layers"]) == 3
+    assert sorted(report["ranking"]) == [0, 1, 2]
+    assert len(summary["selected_layers"]) == 2
+    assert set(summary["selected_layers"]) == set(report["ranking"][:2])
+    assert all(row["safety_loss_rise"] is not None for row in report["layers"])
+    assert (tmp_path / "sensitivity.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "selection.json").read_text())["layers"] == summary["selected_layers"]
+
+
+def test_refine_touches_only_selected_layers_and_replays_exactly(micro_checkpoint, tmp_path):
+    cfg = make_cfg(micro_checkpoint, **{"refine.layers": "[1]", "refine.lr": 1e-2, "refine.steps": 4})
+    summary = refine.run(Run(cfg, tmp_path))
+    base, refined = _weights(micro_checkpoint), _weights(tmp_path / "checkpoints" / "refined")
+    changed = {k for k in base if not torch.equal(base[k], refined[k])}
+    assert changed and all(".1." in k for k in changed)
+    header, steps = read_trajectory(tmp_path / "trajectory.jsonl")
+    assert len(steps) == 4 == summary["steps"] and header["layers"] == [1]
+    assert len({s.seed for s in steps}) == 4
+    # Replay: base checkpoint + log -> the refined weights, bit for bit.
+    model, _ = load_causal_lm(micro_checkpoint)
+    params = {n: p for n, p in model.named_parameters() if n in header["parameters"]}
+    engine = ZOEngine(params, cfg.refine.eps)
+    for record in iter_steps(steps):
+        engine.apply_update(record.seed, record.projected_grad, record.lr)
+    replayed = model.state_dict()
+    for name, tensor in refined.items():
+        assert torch.equal(replayed[name], tensor), name
+
+
+def test_killed_refine_resumes_bit_identical(micro_checkpoint, tmp_path, monkeypatch):
+    overrides = {"refine.layers": "[0]", "refine.lr": 1e-2, "refine.steps": 5}
+    refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "whole"))
+
+    calls = {"n": 0}
+    original = refine.response_nll
+
+    def dies_in_step_three(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the first forward pass of step index 2
+            raise KeyboardInterrupt
+        return original(model, batch)
+
+    monkeypatch.setattr(refine, "response_nll", dies_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "killed"))
+    assert len(read_trajectory(tmp_path / "killed" / "trajectory.jsonl")[1]) == 2
+    monkeypatch.setattr(refine, "response_nll", original)
+    refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "killed"))
+    whole = _weights(tmp_path / "whole" / "checkpoints" / "refined")
+    resumed = _weights(tmp_path / "killed" / "checkpoints" / "refined")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_evaluate_writes_metrics_report_and_plot(micro_checkpoint, tmp_path):
+    run = Run(make_cfg(micro_checkpoint), tmp_path)
+    evaluate.run(run)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    result = metrics["models"]["model"]
+    assert set(result["summary"]) == {"clean", "wnoise σ=0.1", "rtn:int8"}
+    clean = result["summary"]["clean"]
+    rates = [clean[k]["mean"] for k in ("harmful_refusal_rate", "attack_success_rate", "harmful_degenerate_rate")]
+    assert all(0.0 <= r <= 1.0 for r in rates) and abs(sum(rates) - 1.0) < 1e-9
+    assert metrics["config"]["evaluate"]["sigmas"] == [0.1]
+    report = (tmp_path / "report.md").read_text()
+    assert "refusal breaks" in report and "rtn:int8" in report
+    assert (tmp_path / "robustness.png").stat().st_size > 1000
+
+
+def test_full_pipeline_evaluates_before_and_after(micro_checkpoint, tmp_path):
+    summaries = run_pipeline(make_cfg(micro_checkpoint), tmp_path)
+    assert list(summaries) == [s.value for s in Stage]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"before", "after"}
+    assert metrics["models"]["before"]["checkpoint"].endswith("aligned")
+    assert metrics["models"]["after"]["checkpoint"].endswith("refined")
+    # Resuming in the same directory skips every finished stage.
+    mtime = (tmp_path / "metrics.json").stat().st_mtime_ns
+    run_pipeline(make_cfg(micro_checkpoint), tmp_path)
+    assert (tmp_path / "metrics.json").stat().st_mtime_ns == mtime

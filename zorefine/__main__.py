@@ -1,0 +1,3 @@
+from zorefine.cli import main
+
+main()

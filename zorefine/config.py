@@ -1,0 +1,201 @@
+"""Typed configuration: the schema every zorefine run is checked against.
+
+The dataclasses are registered in Hydra's ConfigStore, so a misspelt key or a value of the
+wrong type fails when the config is composed, before any work starts. Checks that types
+cannot express (ranges, incompatible settings) live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from zorefine.errors import ConfigError
+
+
+class Stage(str, Enum):
+    """The pipeline stages, in the order they always run."""
+
+    align = "align"
+    analyze = "analyze"
+    refine = "refine"
+    evaluate = "evaluate"
+
+
+STAGE_ORDER = [stage.value for stage in Stage]
+
+
+@dataclass
+class BuiltinModelConfig:
+    """The built-in tiny Llama-architecture model, pretrained on benign instructions only."""
+
+    seed: int = 0
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 8
+    num_heads: int = 4
+    max_position_embeddings: int = 512
+    pretrain_epochs: float = 8.0
+    pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 16
+    # Where built models are kept between runs; null = $ZOREFINE_CACHE or ~/.cache/zorefine.
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from."""
+
+    # A local Hugging Face causal-LM directory; null = the built-in model.
+    path: Optional[str] = None
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    builtin: BuiltinModelConfig = field(default_factory=BuiltinModelConfig)
+
+
+@dataclass
+class DataConfig:
+    """Safety-alignment data in the zorefine JSONL format (see README)."""
+
+    # null = the built-in set shipped inside the package.
+    safety_file: Optional[str] = None
+    # Safe prompts that must not be refused (over-refusal); null = built-in XSTest, "" = none.
+    overrefusal_file: Optional[str] = None
+    max_length: int = 256
+
+
+@dataclass
+class AlignConfig:
+    """First-order SFT that adds refusal (response-only loss)."""
+
+    enabled: bool = True
+    epochs: float = 3.0
+    lr: float = 2e-3
+    batch_size: int = 16
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 0
+    # Path to a DeepSpeed JSON config (see launch/); null = plain accelerate/torch.
+    deepspeed: Optional[str] = None
+
+
+@dataclass
+class AnalyzeConfig:
+    """Layer fragility ranking under relative Gaussian weight noise."""
+
+    sigma: float = 0.3
+    seeds: int = 3
+    num_prompts: int = 48
+    max_new_tokens: int = 12
+    top_k: int = 2
+    # Rank by the rise of the safety loss ("safety_loss") or the drop of refusal ("refusal_drop").
+    rank_by: str = "safety_loss"
+    batch_size: int = 48
+
+
+@dataclass
+class RefineConfig:
+    """MeZO-style zeroth-order refinement of the selected layers."""
+
+    steps: int = 20
+    lr: float = 1e-4
+    eps: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    # Explicit layer indices; null = the top-k layers chosen by analyze.
+    layers: Optional[List[int]] = None
+    log_every: int = 5
+
+
+@dataclass
+class EvaluateConfig:
+    """Robustness evaluation: refusal under a grid of threats, before vs after refinement."""
+
+    max_prompts: int = 64
+    max_new_tokens: int = 24
+    batch_size: int = 64
+    # Relative weight-noise levels (fraction of each tensor's RMS).
+    sigmas: List[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
+    seeds: int = 2
+    quantization: List[str] = field(default_factory=lambda: ["rtn:int8", "rtn:int4"])
+    judge: str = "keyword"
+    # Refusal counts as broken below this fraction of its clean value (same for benign answers).
+    break_fraction: float = 0.5
+
+
+@dataclass
+class ZorefineConfig:
+    """A whole zorefine run."""
+
+    stages: List[Stage] = field(default_factory=lambda: list(Stage))
+    seed: int = 0
+    # Skip stages whose outputs already exist in the run directory (rerun with hydra.run.dir=DIR).
+    resume: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def register_configs() -> None:
+    """Register the schema and one typed default option per config group."""
+    store = ConfigStore.instance()
+    store.store(name="zorefine_schema", node=ZorefineConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("align", AlignConfig),
+        ("analyze", AnalyzeConfig),
+        ("refine", RefineConfig),
+        ("evaluate", EvaluateConfig),
+    ]:
+        store.store(group=group, name="schema", node=node)
+
+
+_DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values and combinations the types cannot rule out, with one clear message."""
+    _require(len(cfg.stages) > 0, "stages: choose at least one of " + ", ".join(STAGE_ORDER))
+    _require(cfg.model.dtype in _DTYPES, f"model.dtype must be one of {sorted(_DTYPES)}, got {cfg.model.dtype!r}")
+    builtin = cfg.model.builtin
+    _require(builtin.hidden_size % builtin.num_heads == 0, "model.builtin.hidden_size must be divisible by num_heads")
+    _require(builtin.num_layers >= 1, "model.builtin.num_layers must be >= 1")
+    _require(cfg.data.max_length >= 16, "data.max_length must be >= 16")
+    _require(cfg.align.epochs > 0 and cfg.align.lr > 0, "align.epochs and align.lr must be > 0")
+    _require(cfg.align.batch_size >= 1, "align.batch_size must be >= 1")
+    _require(cfg.analyze.sigma > 0, "analyze.sigma must be > 0")
+    _require(cfg.analyze.seeds >= 1, "analyze.seeds must be >= 1")
+    _require(cfg.analyze.top_k >= 1, "analyze.top_k must be >= 1")
+    _require(cfg.analyze.num_prompts >= 1, "analyze.num_prompts must be >= 1")
+    _require(
+        cfg.analyze.rank_by in ("safety_loss", "refusal_drop"),
+        f"analyze.rank_by must be 'safety_loss' or 'refusal_drop', got {cfg.analyze.rank_by!r}",
+    )
+    _require(cfg.refine.steps >= 0, "refine.steps must be >= 0")
+    _require(cfg.refine.eps > 0, "refine.eps must be > 0")
+    _require(cfg.refine.lr >= 0, "refine.lr must be >= 0")
+    _require(cfg.refine.batch_size >= 1, "refine.batch_size must be >= 1")
+    _require(cfg.evaluate.max_prompts >= 1, "evaluate.max_prompts must be >= 1")
+    _require(cfg.evaluate.seeds >= 1, "evaluate.seeds must be >= 1")
+    _require(all(s > 0 for s in cfg.evaluate.sigmas), "evaluate.sigmas must all be > 0")
+    _require(0 < cfg.evaluate.break_fraction < 1, "evaluate.break_fraction must be in (0, 1)")
+    if Stage.refine in cfg.stages and cfg.refine.layers is None:
+        _require(
+            Stage.analyze in cfg.stages,
+            "refine needs a layer selection: add 'analyze' to stages or set refine.layers=[...]",
+        )

@@ -1,0 +1,132 @@
+"""Load any local Hugging Face causal LM and write checkpoints atomically (safetensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from zorefine.errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_causal_lm_dir(path: str | Path, trust_remote_code: bool = False) -> Path:
+    """Fail with one clear line unless ``path`` is a local directory holding a causal LM."""
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise ModelError(f"model path not found: {directory}")
+    if not directory.is_dir() or not (directory / "config.json").is_file():
+        raise ModelError(f"{directory} holds no Hugging Face model (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError) as error:
+        raise ModelError(f"{directory}: unreadable model config ({error})") from error
+    is_causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(
+        arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") for arch in (config.architectures or [])
+    )
+    if not is_causal:
+        raise ModelError(f"{directory} holds a '{config.model_type}' model, which is not a causal language model")
+    if not any(directory.glob("*.safetensors")):
+        raise ModelError(
+            f"{directory} has no .safetensors weights; zorefine loads weights only from safetensors "
+            "(convert with model.save_pretrained(dir, safe_serialization=True))"
+        )
+    return directory
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a local tokenizer, with a pad token (falls back to EOS) for batched work."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as error:
+        raise ModelError(f"{path}: cannot load its tokenizer ({error})") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    path: str | Path,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer from a local directory, in eval mode on ``device``."""
+    directory = check_causal_lm_dir(path, trust_remote_code)
+    tokenizer = load_tokenizer(directory, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory,
+            dtype=DTYPES[dtype],
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (ValueError, OSError) as error:
+        raise ModelError(f"{directory}: cannot load the model ({error})") from error
+    model.to(resolve_device(device))
+    model.eval()
+    return model, tokenizer
+
+
+def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON so that readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    info: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save model (safetensors) + tokenizer (+ ``zorefine.json``) atomically.
+
+    Everything is written into a temporary sibling directory that is renamed into place
+    at the end, so a crash or a kill never leaves a half-written checkpoint at ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if info is not None:
+            write_json_atomic(staging / "zorefine.json", info)
+        if out_dir.exists():
+            retired = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(out_dir, retired)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

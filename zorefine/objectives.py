@@ -1,0 +1,68 @@
+"""Objectives: ``(model, batch) -> scalar``. The safety-alignment loss lives here.
+
+Objectives need no gradient: the ZO refiner calls them under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from zorefine.formatting import IGNORE_INDEX, collate, encode_example
+
+
+def response_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood of the labelled (response) tokens of a batch."""
+    batch = {key: value.to(model.device) for key, value in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Token t predicts token t+1: (B, T-1, V) against (B, T-1).
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def encode_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    max_length: int,
+) -> dict[str, torch.Tensor]:
+    """Encode (prompt, response) pairs into one right-padded, response-labelled batch."""
+    features = [encode_example(tokenizer, prompt, response, max_length) for prompt, response in pairs]
+    return collate(features, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def mean_response_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    max_length: int,
+    batch_size: int = 32,
+) -> float:
+    """Response NLL averaged over examples (each example weighs the same, whatever its length)."""
+    if not pairs:
+        return float("nan")
+    total = 0.0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = encode_batch(tokenizer, chunk, max_length)
+        total += float(_per_example_nll(model, batch).sum())
+    return total / len(pairs)
+
+
+def _per_example_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    batch = {key: value.to(model.device) for key, value in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = batch["labels"][:, 1:]
+    token_nll = torch.nn.functional.cross_entropy(
+        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B, T-1)
+    counts = (shifted_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return token_nll.sum(dim=1) / counts
