@@ -217,7 +217,7 @@ def test_safety_counts_sources_and_size(safety: list[Example]) -> None:
     sources = {}
     for ex in safety:
         sources[ex.source] = sources.get(ex.source, 0) + 1
-    assert sources == {"advbench": 520, "selfinstruct:seed": 175, "selfinstruct:user": 252, "gsm8k": 400}
+    assert sources == {"advbench": 520, "selfinstruct:seed": 175, "selfinstruct:user": 252, "gsm8k": 300}
     assert all(ex.kind == "harmful" for ex in safety if ex.source == "advbench")
     assert all(ex.kind == "benign" for ex in safety if ex.source != "advbench")
     assert builtin_path("safety").stat().st_size < 1_500_000
@@ -337,13 +337,13 @@ def test_gsm8k_response() -> None:
 
 def test_split_for_is_stable_and_hash_based() -> None:
     # Pinned values: the split must come from sha256, not from Python's per-process hash().
-    assert [build_builtin.split_for(p) for p in ("What is 2+2?", "a", "b")] == ["train", "test", "train"]
+    assert [build_builtin.split_for(p) for p in ("What is 2+2?", "a", "b")] == ["train", "val", "train"]
     counts = {s: 0 for s in SPLITS}
     for i in range(4000):
         counts[build_builtin.split_for(f"prompt {i}")] += 1
-    assert abs(counts["train"] / 4000 - 0.60) < 0.03
-    assert abs(counts["val"] / 4000 - 0.15) < 0.03
-    assert abs(counts["test"] / 4000 - 0.25) < 0.03
+    assert abs(counts["train"] / 4000 - 0.70) < 0.03
+    assert abs(counts["val"] / 4000 - 0.10) < 0.03
+    assert abs(counts["test"] / 4000 - 0.20) < 0.03
 
 
 def test_build_missing_raw_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

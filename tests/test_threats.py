@@ -118,7 +118,8 @@ def test_restore_when_body_raises() -> None:
     before = _snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
         with threatened(model, [WeightNoise(0.2), RTNQuantization(4), ActivationNoise(0.5)]):
-            assert not torch.equal(_snapshot(model)["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+            name = "model.layers.0.mlp.up_proj.weight"
+            assert not torch.equal(_snapshot(model)[name], before[name])
             raise RuntimeError("boom")
     _assert_identical(model, before)
     assert _hook_count(model) == 0
@@ -149,7 +150,8 @@ def test_spec_strings_are_accepted() -> None:
     model = tiny_model("gpt2")
     before = _snapshot(model)
     with threatened(model, ["wnoise:0.1", "rtn:int4"]):
-        assert not torch.equal(_snapshot(model)["transformer.h.0.attn.c_attn.weight"], before["transformer.h.0.attn.c_attn.weight"])
+        name = "transformer.h.0.attn.c_attn.weight"
+        assert not torch.equal(_snapshot(model)[name], before[name])
     _assert_identical(model, before)
 
 
@@ -296,7 +298,9 @@ def test_rtn_on_gpt2_conv1d_quantizes_per_output_feature() -> None:
     assert all(g.unique().numel() <= 16 for g in grouped.t().reshape(-1, 8))
 
 
-@pytest.mark.parametrize("threat", [RTNQuantization(4), BnbQuantization("int8"), BnbQuantization("nf4")], ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "threat", [RTNQuantization(4), BnbQuantization("int8"), BnbQuantization("nf4")], ids=lambda t: t.name
+)
 def test_zero_rows_stay_zero_without_nan(threat: Threat) -> None:
     layer = nn.Linear(64, 64, bias=False)
     with torch.no_grad():
@@ -482,6 +486,7 @@ def test_names_for_reports() -> None:
         "bnb:nf3",
         "bnb:int8:b64",
         "bnb:nf4:b100",
+        "bnb:nf4:double_quant=maybe",
         "anoise:0.1:target=mlp",
     ],
 )

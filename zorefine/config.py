@@ -67,7 +67,7 @@ class DataConfig:
     safety_file: Optional[str] = None
     # Safe prompts that must not be refused (over-refusal); null = built-in XSTest, "" = none.
     overrefusal_file: Optional[str] = None
-    max_length: int = 256
+    max_length: int = 192
 
 
 @dataclass
@@ -75,8 +75,8 @@ class AlignConfig:
     """First-order SFT that adds refusal (response-only loss)."""
 
     enabled: bool = True
-    epochs: float = 3.0
-    lr: float = 2e-3
+    epochs: float = 4.0
+    lr: float = 3e-3
     batch_size: int = 16
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0

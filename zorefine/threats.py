@@ -514,7 +514,8 @@ def threatened(
     ``params`` defaults to all decoder-layer parameters; threats may be objects or spec strings.
     Before each threat runs, the tensors it will touch are cloned (only those, and each once);
     on exit, also on an exception, hooks are removed and every touched tensor is restored by
-    copy from its clone, so the weights are bit-identical to before.
+    copy from its clone, so the weights are bit-identical to before. Peak extra memory is one
+    copy of the touched tensors, on their own device.
     """
     threat_list = _as_threat_list(threats)
     if params is None:
@@ -652,7 +653,10 @@ def _parse_bnb(spec: str, positional: list[str], options: dict[str, str]) -> Thr
         raise _spec_error(spec, f"unknown option(s) {', '.join(sorted(unknown))}")
     scheme = options.get("scheme")
     blocksize = _parse_int(spec, options["blocksize"], "blocksize") if "blocksize" in options else None
-    double_quant = options.get("double_quant", "false").lower() in ("1", "true", "yes")
+    flag = options.get("double_quant", "false").lower()
+    if flag not in ("1", "true", "yes", "0", "false", "no"):
+        raise _spec_error(spec, f"double_quant must be true or false, got {flag!r}")
+    double_quant = flag in ("1", "true", "yes")
     for field in positional:
         lowered = field.lower()
         if lowered in _BNB_SCHEMES and scheme is None:

@@ -40,10 +40,10 @@ GSM8K_FILE = "gsm8k_train_first1500.jsonl"
 
 #: How many GSM8K problems (from the start of the raw file) go into safety.jsonl. Enough
 #: for a utility signal without letting arithmetic dominate the benign half.
-GSM8K_LIMIT = 400
+GSM8K_LIMIT = 300
 
-#: Cumulative split boundaries on the prompt-hash value in [0, 1): 60% / 15% / 25%.
-SPLIT_BOUNDS: tuple[tuple[float, str], ...] = ((0.60, "train"), (0.75, "val"), (1.0, "test"))
+#: Cumulative split boundaries on the prompt-hash value in [0, 1): 70% / 10% / 20%.
+SPLIT_BOUNDS: tuple[tuple[float, str], ...] = ((0.70, "train"), (0.80, "val"), (1.0, "test"))
 
 _CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 _FINAL_ANSWER = re.compile(r"^####\s*(\S.*?)\s*$")

@@ -1,0 +1,78 @@
+"""Every shipped config composes; bad keys and values fail at start with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+from hydra.errors import ConfigCompositionException
+
+from zorefine.config import register_configs, validate
+from zorefine.errors import ConfigError
+
+CONF_DIR = Path(__file__).parents[1] / "conf"
+register_configs()
+
+
+def _compose(overrides=()):
+    with initialize_config_module(config_module="zorefine.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_config_composes_and_validates():
+    cfg = _compose()
+    validate(cfg)
+    assert [s.value for s in cfg.stages] == ["align", "analyze", "refine", "evaluate"]
+    assert cfg.model.path is None and cfg.refine.steps == 20
+
+
+@pytest.mark.parametrize(
+    "option", sorted(f"{p.parent.name}={p.stem}" for p in CONF_DIR.glob("*/*.yaml") if p.parent.name != "experiment")
+)
+def test_every_group_option_composes(option):
+    cfg = _compose([option] + (["model.path=/somewhere"] if option == "model=local" else []))
+    validate(cfg)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in CONF_DIR.glob("experiment/*.yaml")))
+def test_every_experiment_composes(experiment):
+    validate(_compose([f"+experiment={experiment}"]))
+
+
+def test_unknown_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException, match="refine.stepz"):
+        _compose(["refine.stepz=3"])
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        _compose(["refine.steps=many"])
+
+
+def test_unknown_stage_fails_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        _compose(["stages=[align,polish]"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("analyze.top_k=0", "analyze.top_k"),
+        ("refine.eps=0", "refine.eps"),
+        ("model.dtype=int3", "model.dtype"),
+        ("evaluate.sigmas=[0.1,-0.2]", "evaluate.sigmas"),
+        ("stages=[refine]", "layer selection"),
+        ("stages=[]", "at least one"),
+    ],
+)
+def test_validate_rejects_bad_values(override, message):
+    cfg = _compose([override])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_refine_alone_is_fine_with_explicit_layers():
+    validate(_compose(["stages=[refine]", "refine.layers=[0,1]"]))
