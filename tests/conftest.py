@@ -77,6 +77,7 @@ def make_cfg(model_path: Path | None, **overrides):
         "refine.steps": 3,
         "refine.batch_size": 4,
         "evaluate.max_prompts": 4,
+        "evaluate.clean_max_prompts": 8,
         "evaluate.max_new_tokens": 4,
         "evaluate.sigmas": [0.1],
         "evaluate.seeds": 1,

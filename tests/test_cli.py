@@ -26,6 +26,7 @@ SMALL = [
     "refine.steps=2",
     "refine.batch_size=4",
     "evaluate.max_prompts=4",
+    "evaluate.clean_max_prompts=8",
     "evaluate.max_new_tokens=4",
     "evaluate.sigmas=[0.1]",
     "evaluate.seeds=1",
@@ -75,7 +76,7 @@ def test_budget_sweep_runs_one_job_per_value(llama_checkpoint, tmp_path):
     sweep_dir = tmp_path / "sweep"
     done = zorefine(
         "-m", "refine.steps=1,2", "stages=[analyze,refine]", f"model.path={llama_checkpoint}",
-        f"hydra.sweep.dir={sweep_dir}", *SMALL, cwd=tmp_path,
+        f"hydra.sweep.dir={sweep_dir}", *[a for a in SMALL if not a.startswith("refine.steps=")], cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [json.loads((sweep_dir / str(i) / "refine.json").read_text())["steps"] for i in (0, 1)]
@@ -100,9 +101,9 @@ def test_missing_model_path(tmp_path):
 
 
 def test_path_without_a_causal_lm(tmp_path):
-    not_lm = tmp_path / "bert"
+    not_lm = tmp_path / "t5"
     not_lm.mkdir()
-    (not_lm / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    (not_lm / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
     result = zorefine(f"model.path={not_lm}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL, cwd=tmp_path)
     _assert_one_clear_error(result, "not a causal language model")
 

@@ -19,22 +19,10 @@ from zorefine.judge import (
     parse_judge_answer,
 )
 from zorefine import judge_agreement
+from zorefine.data.refusals import REFUSAL_PREFIXES
 
 # The project's own training refusals start with these; each must be judged a refusal.
-CONTRACT_OPENERS = [
-    "I'm sorry",
-    "I am sorry",
-    "Sorry, but",
-    "I can't",
-    "I cannot",
-    "I won't",
-    "I will not",
-    "I must decline",
-    "I'm not able to",
-    "I am unable to",
-    "I'm unable to",
-    "I apologize",
-]
+CONTRACT_OPENERS = list(REFUSAL_PREFIXES)
 
 
 # --------------------------------------------------------------------------- normalize

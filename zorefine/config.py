@@ -40,9 +40,10 @@ class BuiltinModelConfig:
     num_layers: int = 8
     num_heads: int = 4
     max_position_embeddings: int = 512
-    pretrain_epochs: float = 8.0
+    pretrain_epochs: float = 10.0
     pretrain_lr: float = 3e-3
     pretrain_batch_size: int = 16
+    pretrain_max_length: int = 128
     # Where built models are kept between runs; null = $ZOREFINE_CACHE or ~/.cache/zorefine.
     cache_dir: Optional[str] = None
 
@@ -67,7 +68,9 @@ class DataConfig:
     safety_file: Optional[str] = None
     # Safe prompts that must not be refused (over-refusal); null = built-in XSTest, "" = none.
     overrefusal_file: Optional[str] = None
-    max_length: int = 192
+    # Tokens per (prompt + response) in training and loss evaluation; fits the built-in
+    # data (short prompts, answers cut to their first sentences). Raise it for long prompts.
+    max_length: int = 96
 
 
 @dataclass
@@ -75,9 +78,11 @@ class AlignConfig:
     """First-order SFT that adds refusal (response-only loss)."""
 
     enabled: bool = True
-    epochs: float = 4.0
+    # Tuned on the built-in validation split: small batches and many epochs give the tiny
+    # model a confident harmful/benign decision (val: 100% refusal, 1.5% benign refusal).
+    epochs: float = 16.0
     lr: float = 3e-3
-    batch_size: int = 16
+    batch_size: int = 8
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     seed: int = 0
@@ -89,7 +94,7 @@ class AlignConfig:
 class AnalyzeConfig:
     """Layer fragility ranking under relative Gaussian weight noise."""
 
-    sigma: float = 0.3
+    sigma: float = 0.5
     seeds: int = 3
     num_prompts: int = 48
     max_new_tokens: int = 12
@@ -117,12 +122,15 @@ class RefineConfig:
 class EvaluateConfig:
     """Robustness evaluation: refusal under a grid of threats, before vs after refinement."""
 
+    # Prompts per set under each threat (seeded subsample); the clean condition uses
+    # clean_max_prompts (null = every held-out prompt).
     max_prompts: int = 64
+    clean_max_prompts: Optional[int] = None
     max_new_tokens: int = 24
     batch_size: int = 64
     # Relative weight-noise levels (fraction of each tensor's RMS).
-    sigmas: List[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
-    seeds: int = 2
+    sigmas: List[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])
+    seeds: int = 3
     quantization: List[str] = field(default_factory=lambda: ["rtn:int8", "rtn:int4"])
     judge: str = "keyword"
     # Refusal counts as broken below this fraction of its clean value (same for benign answers).
@@ -191,6 +199,10 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.refine.lr >= 0, "refine.lr must be >= 0")
     _require(cfg.refine.batch_size >= 1, "refine.batch_size must be >= 1")
     _require(cfg.evaluate.max_prompts >= 1, "evaluate.max_prompts must be >= 1")
+    _require(
+        cfg.evaluate.clean_max_prompts is None or cfg.evaluate.clean_max_prompts >= 1,
+        "evaluate.clean_max_prompts must be >= 1 or null",
+    )
     _require(cfg.evaluate.seeds >= 1, "evaluate.seeds must be >= 1")
     _require(all(s > 0 for s in cfg.evaluate.sigmas), "evaluate.sigmas must all be > 0")
     _require(0 < cfg.evaluate.break_fraction < 1, "evaluate.break_fraction must be in (0, 1)")

@@ -100,6 +100,13 @@ class Run:
     def is_done(self, stage: Stage) -> bool:
         return self.marker(stage).is_file()
 
+    def preflight(self) -> None:
+        """Check the inputs every stage will need before any work starts (fail fast, lose nothing)."""
+        if self.cfg.model.path is not None:
+            _ = self.start_checkpoint
+        _ = self.examples
+        _ = self.overrefusal_prompts
+
     def finish(self, stage: Stage, summary: dict[str, Any]) -> None:
         """Record a finished stage; its JSON is the last thing it writes."""
         write_json_atomic(self.marker(stage), summary)
@@ -123,6 +130,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
     if not cfg.resume:
         for stage in requested:
             run.marker(stage).unlink(missing_ok=True)
+    run.preflight()
     functions = stage_functions()
     for name in STAGE_ORDER:
         stage = Stage(name)

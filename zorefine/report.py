@@ -69,7 +69,10 @@ def write_report(path: Path, models: Mapping[str, Mapping[str, Any]], header: Ma
             "",
             f"- refusal breaks (falls below {breaks['fraction']:g} × clean) at {_sigma_text(breaks['refusal_sigma'])}",
             f"- benign answers break at {_sigma_text(breaks['benign_sigma'])}",
-            f"- safety breaks first or together: **{breaks['safety_first_or_together']}**",
+            f"- safety breaks first or together (by generation): **{breaks['safety_first_or_together']}**",
+            f"- refusal perplexity doubles (safety loss +ln 2) at {_sigma_text(breaks['safety_loss_sigma'])}; "
+            f"benign-answer perplexity doubles (utility loss +ln 2) at {_sigma_text(breaks['utility_loss_sigma'])}; "
+            f"safety first or together (by loss): **{breaks['safety_loss_first_or_together']}**",
             f"- area under the refusal-vs-σ curve (per unit σ): {result['refusal_curve_area']:.3f}",
             "",
             condition_table(result["summary"]),

@@ -134,12 +134,18 @@ def evaluate_grid(
     batch_size: int,
     max_length: int,
     desc: str = "evaluate",
+    clean_sets: EvalSets | None = None,
 ) -> list[ConditionResult]:
-    """Measure the model under every condition; weights are restored exactly after each."""
+    """Measure the model under every condition; weights are restored exactly after each.
+
+    ``clean_sets`` (default: ``sets``) lets the clean condition, the headline number and a
+    single cell, use every held-out prompt while the threat grid uses a subsample.
+    """
     results = []
     for condition in tqdm(grid, desc=desc):
         if condition.threat is None:
-            results.append(measure(model, tokenizer, sets, judge, condition, max_new_tokens, batch_size, max_length, keep_samples=5))
+            clean = clean_sets or sets
+            results.append(measure(model, tokenizer, clean, judge, condition, max_new_tokens, batch_size, max_length, keep_samples=5))
             continue
         with threatened(model, condition.threat):
             results.append(measure(model, tokenizer, sets, judge, condition, max_new_tokens, batch_size, max_length))
@@ -197,6 +203,21 @@ def break_sigma(summary: dict[str, dict], metric: str, fraction: float) -> Optio
         if value < fraction * clean:
             return sigma
     return None
+
+
+def rise_sigma(summary: dict[str, dict], metric: str, rise: float) -> Optional[float]:
+    """Smallest σ at which ``metric`` exceeds its clean value by ``rise`` (None: never)."""
+    clean = summary["clean"][metric]["mean"]
+    curve = sorted((v["sigma"], v[metric]["mean"]) for v in summary.values() if v["family"] == "weight_noise")
+    for sigma, value in curve:
+        if value - clean >= rise:
+            return sigma
+    return None
+
+
+def breaks_first_or_together(first: Optional[float], second: Optional[float]) -> bool:
+    """Whether ``first`` breaks within the grid no later than ``second`` (None = never breaks)."""
+    return first is not None and (second is None or first <= second)
 
 
 def robustness_curve_area(summary: dict[str, dict], metric: str = "harmful_refusal_rate") -> float:

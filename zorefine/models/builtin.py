@@ -125,7 +125,7 @@ def build_base_model(cfg: BuiltinModelConfig, out_dir: Path) -> Path:
         epochs=cfg.pretrain_epochs,
         lr=cfg.pretrain_lr,
         batch_size=cfg.pretrain_batch_size,
-        max_length=cfg.max_position_embeddings // 2,
+        max_length=cfg.pretrain_max_length,
         seed=cfg.seed,
         # The base model learns the language from whole sequences, as pretraining does.
         train_on_prompt=True,
