@@ -10,11 +10,10 @@ from safetensors.torch import load_file
 
 from tests.conftest import make_cfg
 from zorefine.config import Stage
-from zorefine.models.loading import load_causal_lm
 from zorefine.pipeline import Run, run_pipeline
 from zorefine.stages import align, analyze, evaluate, refine
-from zorefine.trajectory import iter_steps, read_trajectory
-from zorefine.zo import ZOEngine
+from zorefine.replay import replay
+from zorefine.trajectory import read_trajectory
 
 
 def _weights(directory) -> dict[str, torch.Tensor]:
@@ -60,12 +59,7 @@ def test_refine_touches_only_selected_layers_and_replays_exactly(micro_checkpoin
     assert len(steps) == 4 == summary["steps"] and header["layers"] == [1]
     assert len({s.seed for s in steps}) == 4
     # Replay: base checkpoint + log -> the refined weights, bit for bit.
-    model, _ = load_causal_lm(micro_checkpoint)
-    params = {n: p for n, p in model.named_parameters() if n in header["parameters"]}
-    engine = ZOEngine(params, cfg.refine.eps)
-    for record in iter_steps(steps):
-        engine.apply_update(record.seed, record.projected_grad, record.lr)
-    replayed = model.state_dict()
+    replayed = _weights(replay(micro_checkpoint, tmp_path / "trajectory.jsonl", tmp_path / "replayed"))
     for name, tensor in refined.items():
         assert torch.equal(replayed[name], tensor), name
 
@@ -120,3 +114,23 @@ def test_full_pipeline_evaluates_before_and_after(micro_checkpoint, tmp_path):
     mtime = (tmp_path / "metrics.json").stat().st_mtime_ns
     run_pipeline(make_cfg(micro_checkpoint), tmp_path)
     assert (tmp_path / "metrics.json").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"refine.optimizer": "adam", "refine.num_directions": 2, "refine.eps_mode": "relative"},
+        {"refine.optimizer": "momentum", "refine.lr_schedule": "cosine", "refine.grad_accum": 2},
+        {"refine.optimizer": "sign", "refine.objective_threat": "rtn:int4", "refine.eps_schedule": "linear"},
+        {"refine.objective_threat": "wnoise:0.05"},
+    ],
+)
+def test_refine_variants_replay_exactly(micro_checkpoint, tmp_path, overrides):
+    cfg = make_cfg(micro_checkpoint, **{"refine.layers": "[0,2]", "refine.lr": 1e-3, "refine.steps": 3, **overrides})
+    summary = refine.run(Run(cfg, tmp_path))
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 0
+    refined = _weights(tmp_path / "checkpoints" / "refined")
+    base = _weights(micro_checkpoint)
+    assert any(not torch.equal(base[k], refined[k]) for k in base)
+    replayed = _weights(replay(micro_checkpoint, tmp_path / "trajectory.jsonl", tmp_path / "replayed"))
+    assert all(torch.equal(replayed[k], refined[k]) for k in refined)

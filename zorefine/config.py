@@ -111,8 +111,22 @@ class RefineConfig:
     steps: int = 20
     lr: float = 1e-4
     eps: float = 1e-3
+    # "absolute" ε, or "relative": ε × each tensor's RMS.
+    eps_mode: str = "absolute"
+    # n-SPSA: directions averaged per step (2 forward passes each).
+    num_directions: int = 1
+    # "sgd" | "momentum" | "adam" | "sign" (state, if any, only for the selected tensors).
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    lr_schedule: str = "constant"
+    eps_schedule: str = "constant"
+    # Micro-batches per step; every micro-batch sees the same direction.
+    grad_accum: int = 1
     batch_size: int = 16
     seed: int = 0
+    # Evaluate the objective on the model under a threat (e.g. "rtn:int4", "wnoise:0.05"):
+    # one noise sample per step, shared by the + and - passes. null = the clean model.
+    objective_threat: Optional[str] = None
     # Explicit layer indices; null = the top-k layers chosen by analyze.
     layers: Optional[List[int]] = None
     log_every: int = 5
@@ -198,6 +212,15 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.refine.eps > 0, "refine.eps must be > 0")
     _require(cfg.refine.lr >= 0, "refine.lr must be >= 0")
     _require(cfg.refine.batch_size >= 1, "refine.batch_size must be >= 1")
+    _require(cfg.refine.eps_mode in ("absolute", "relative"), "refine.eps_mode must be 'absolute' or 'relative'")
+    _require(cfg.refine.num_directions >= 1, "refine.num_directions must be >= 1")
+    _require(
+        cfg.refine.optimizer in ("sgd", "momentum", "adam", "sign"),
+        f"refine.optimizer must be one of sgd, momentum, adam, sign; got {cfg.refine.optimizer!r}",
+    )
+    for key in ("lr_schedule", "eps_schedule"):
+        _require(cfg.refine[key] in ("constant", "linear", "cosine"), f"refine.{key} must be constant, linear or cosine")
+    _require(cfg.refine.grad_accum >= 1, "refine.grad_accum must be >= 1")
     _require(cfg.evaluate.max_prompts >= 1, "evaluate.max_prompts must be >= 1")
     _require(
         cfg.evaluate.clean_max_prompts is None or cfg.evaluate.clean_max_prompts >= 1,

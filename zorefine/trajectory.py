@@ -24,11 +24,21 @@ from zorefine.zo import ZOStepRecord
 def environment() -> dict[str, str]:
     """Library versions and device: a replay is bit-exact only on the same ones."""
     return {
+        "replay": REPLAY_NOTE,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
+
+
+_STEP_FIELDS = ("step", "seed", "projected_grad", "lr", "loss_plus", "loss_minus", "skipped", "projected_grads", "eps", "loss_clean")
+
+REPLAY_NOTE = (
+    "Replay re-runs the recorded updates with the same arithmetic: it is bit-exact on the same "
+    "device type and torch version (random directions come from torch.Generator, whose streams "
+    "differ between CPU and CUDA and may change across torch releases)."
+)
 
 
 def read_trajectory(path: Path) -> tuple[dict[str, Any] | None, list[ZOStepRecord]]:
@@ -49,7 +59,7 @@ def read_trajectory(path: Path) -> tuple[dict[str, Any] | None, list[ZOStepRecor
         if row.get("type") == "header":
             header = row
         elif row.get("type") == "step":
-            fields = {k: row[k] for k in ("step", "seed", "projected_grad", "lr", "loss_plus", "loss_minus", "skipped")}
+            fields = {k: row[k] for k in _STEP_FIELDS if k in row}
             steps.append(ZOStepRecord(**fields))
     return header, steps
 

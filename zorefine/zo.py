@@ -1,77 +1,148 @@
-"""The zeroth-order engine: SPSA / MeZO-style ZO-SGD with the seed trick.
+"""The zeroth-order engine: SPSA / MeZO-style optimisation with the seed trick.
 
 A direction ``z`` is never stored. Each selected tensor regenerates its own direction from
-a seed derived from the step seed and the tensor's name (:mod:`zorefine.perturb`), so two
-tensors never share a direction and any tensor can be perturbed alone. Weights are written
-in place from an fp32 master copy of the selected tensors only, which makes the restore
-exact (bit for bit) instead of the drift that restoring by subtraction accumulates.
+a seed derived from the direction seed and the tensor's name (:mod:`zorefine.perturb`), so
+two tensors never share a direction and any tensor (or a process holding it) can perturb
+itself alone. Weights are written in place from an fp32 master copy of the selected tensors
+only: restores are exact (bit for bit), and bf16/fp16 models do not lose small updates.
+
+Cost per step with q directions: 2q forward passes and 2q + 1 regenerations of the
+direction for plain ZO-SGD with q = 1 that is 3 (``+εz``, ``-εz``, and the update fused
+with the restore).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import torch
 
-from zorefine.perturb import gaussian_direction, tensor_seed
+from zorefine.perturb import gaussian_direction, tensor_rms, tensor_seed
 
 _STEP_SEED_SPACE = 2**31 - 1
+OPTIMIZERS = ("sgd", "momentum", "adam", "sign")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def step_seed(run_seed: int, step: int) -> int:
-    """The seed of one step's direction, derived from the run seed (reproducible, no state)."""
+    """The seed of one step, derived from the run seed (reproducible, no state)."""
     return tensor_seed(run_seed, f"step:{step}") % _STEP_SEED_SPACE
+
+
+def direction_seed(seed: int, index: int) -> int:
+    """The seed of direction ``index`` within a step (index 0 is the step seed itself)."""
+    return seed if index == 0 else tensor_seed(seed, f"direction:{index}") % _STEP_SEED_SPACE
+
+
+def scheduled(base: float, step: int, total: int, schedule: str, final_fraction: float = 0.0) -> float:
+    """``base`` scaled by a schedule over ``total`` steps, decaying to ``final_fraction × base``."""
+    if schedule == "constant" or total <= 1:
+        return base
+    progress = min(max(step / (total - 1), 0.0), 1.0)
+    if schedule == "linear":
+        factor = 1.0 - progress
+    elif schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
+    return base * (final_fraction + (1.0 - final_fraction) * factor)
+
+
+@dataclass
+class ZOSettings:
+    """How the engine perturbs and updates."""
+
+    eps: float = 1e-3
+    # "absolute": the same ε for every tensor; "relative": ε × each tensor's RMS at the start.
+    eps_mode: str = "absolute"
+    num_directions: int = 1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.eps <= 0:
+            raise ValueError("eps must be > 0")
+        if self.eps_mode not in ("absolute", "relative"):
+            raise ValueError(f"eps_mode must be 'absolute' or 'relative', got {self.eps_mode!r}")
+        if self.num_directions < 1:
+            raise ValueError("num_directions must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
 
 @dataclass
 class ZOStepRecord:
-    """What one ZO step did: enough to replay it from the previous weights."""
+    """What one ZO step did: enough to replay it from the previous weights and state."""
 
     step: int
     seed: int
-    projected_grad: float
+    projected_grad: float  # mean over directions (for logs)
     lr: float
     loss_plus: float
     loss_minus: float
     skipped: bool = False
+    projected_grads: list[float] = field(default_factory=list)  # one per direction
+    eps: float | None = None
+    loss_clean: float | None = None
 
     @property
     def loss(self) -> float:
         """The smoothed loss estimate at the current weights: mean of the ± evaluations."""
         return 0.5 * (self.loss_plus + self.loss_minus)
 
+    def grads(self) -> list[float]:
+        """Per-direction projected gradients (older logs hold a single scalar)."""
+        return self.projected_grads or [self.projected_grad]
+
 
 class ZOEngine:
-    """ZO-SGD on a fixed set of parameters, evaluated by a loss closure.
+    """ZO optimisation of a fixed set of parameters, evaluated by a loss closure.
 
     Args:
-        params: the parameters the refiner may touch, by full name.
-        eps: perturbation radius (absolute, in weight units).
+        params: the parameters the engine may touch, by full name.
+        eps: perturbation radius (kept for the short form ``ZOEngine(params, eps)``).
+        settings: everything else; ``settings.eps`` is overridden by ``eps`` when given.
     """
 
-    def __init__(self, params: Mapping[str, torch.nn.Parameter], eps: float) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, torch.nn.Parameter],
+        eps: float | None = None,
+        settings: ZOSettings | None = None,
+    ) -> None:
         if not params:
             raise ValueError("ZOEngine needs at least one parameter to refine")
+        self.settings = settings or ZOSettings()
+        if eps is not None:
+            self.settings.eps = float(eps)
         self.params = dict(params)
-        self.eps = float(eps)
-        # fp32 master copy of the selected tensors only: the source of every write, so
-        # restores are exact and low-precision models do not lose small updates.
         self.master = {name: p.detach().to(torch.float32).clone() for name, p in self.params.items()}
+        # Per-tensor perturbation scale: 1 (absolute ε) or the tensor's RMS at the start
+        # (relative ε), fixed for the run so replay can recompute it from the base weights.
+        self.scales = {
+            name: (tensor_rms(m) or 1.0) if self.settings.eps_mode == "relative" else 1.0
+            for name, m in self.master.items()
+        }
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.updates = 0
 
     @property
     def num_parameters(self) -> int:
         """How many scalar weights the engine refines."""
         return sum(p.numel() for p in self.params.values())
 
+    def _direction(self, name: str, seed: int) -> torch.Tensor:
+        return gaussian_direction(self.master[name], tensor_seed(seed, name))
+
     @torch.no_grad()
-    def _write(self, seed: int, scale: float) -> None:
-        """Set every selected weight to ``master + scale * z`` in place."""
+    def _write(self, seed: int, eps: float) -> None:
+        """Set every selected weight to ``master + eps * scale * z`` in place."""
         for name, param in self.params.items():
-            master = self.master[name]
-            direction = gaussian_direction(master, tensor_seed(seed, name))
-            param.copy_(master.add(direction, alpha=scale))
+            param.copy_(self.master[name].add(self._direction(name, seed), alpha=eps * self.scales[name]))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -80,27 +151,84 @@ class ZOEngine:
             param.copy_(self.master[name])
 
     @torch.no_grad()
-    def apply_update(self, seed: int, projected_grad: float, lr: float) -> None:
-        """``master <- master - lr * g * z``, then write the weights. Used by steps and replay."""
-        for name, param in self.params.items():
-            master = self.master[name]
-            direction = gaussian_direction(master, tensor_seed(seed, name))
-            master.add_(direction, alpha=-lr * projected_grad)
-            param.copy_(master)
+    def estimate(self, seed: int, eps: float, loss_fn: Callable[[], torch.Tensor | float]) -> tuple[list[float], list[float], list[float]]:
+        """Projected gradients along each direction of a step: ``(L(θ+εz) − L(θ−εz)) / 2ε``.
+
+        Leaves the weights perturbed; callers restore or update afterwards.
+        """
+        grads, plus, minus = [], [], []
+        for index in range(self.settings.num_directions):
+            seed_d = direction_seed(seed, index)
+            self._write(seed_d, eps)
+            loss_plus = float(loss_fn())
+            self._write(seed_d, -eps)
+            loss_minus = float(loss_fn())
+            plus.append(loss_plus)
+            minus.append(loss_minus)
+            grads.append((loss_plus - loss_minus) / (2.0 * eps))
+        return grads, plus, minus
 
     @torch.no_grad()
-    def step(self, step: int, seed: int, lr: float, loss_fn: Callable[[], torch.Tensor | float]) -> ZOStepRecord:
-        """One SPSA step: two forward passes at ``θ ± εz``, then update along ``z``.
+    def apply_update(self, seed: int, projected_grads: float | Sequence[float], lr: float) -> None:
+        """Update the master weights from a step's projected gradients and write them.
+
+        The restore is fused into the update: the weights are written once, from the new
+        master. Used by :meth:`step` and by replay, so both run the very same arithmetic.
+        """
+        grads = [float(projected_grads)] if isinstance(projected_grads, (int, float)) else [float(g) for g in projected_grads]
+        optimizer = self.settings.optimizer
+        self.updates += 1
+        for name, param in self.params.items():
+            master, scale = self.master[name], self.scales[name]
+            if optimizer == "sgd" and len(grads) == 1:
+                # The common case in one pass: no gradient tensor is materialised.
+                master.add_(self._direction(name, seed), alpha=-lr * grads[0] * scale)
+            else:
+                grad = torch.zeros_like(master)
+                for index, g in enumerate(grads):
+                    grad.add_(self._direction(name, direction_seed(seed, index)), alpha=g * scale / len(grads))
+                master.add_(self._optimizer_step(name, grad), alpha=-lr)
+            param.copy_(master)
+
+    def _optimizer_step(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """The update direction for one tensor (its state lives only for selected tensors)."""
+        s = self.settings
+        if s.optimizer == "sgd":
+            return grad
+        if s.optimizer == "sign":
+            return grad.sign()
+        state = self.state.setdefault(name, {})
+        if s.optimizer == "momentum":
+            buf = state.setdefault("momentum", torch.zeros_like(grad))
+            buf.mul_(s.momentum).add_(grad)
+            return buf
+        beta1, beta2 = s.adam_betas
+        m = state.setdefault("m", torch.zeros_like(grad))
+        v = state.setdefault("v", torch.zeros_like(grad))
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m_hat = m / (1 - beta1**self.updates)
+        v_hat = v / (1 - beta2**self.updates)
+        return m_hat / (v_hat.sqrt() + s.adam_eps)
+
+    @torch.no_grad()
+    def step(
+        self,
+        step: int,
+        seed: int,
+        lr: float,
+        loss_fn: Callable[[], torch.Tensor | float],
+        eps: float | None = None,
+    ) -> ZOStepRecord:
+        """One (n-)SPSA step: 2 forward passes per direction, then update along the directions.
 
         A non-finite loss skips the update and leaves the weights exactly as they were.
         """
-        self._write(seed, self.eps)
-        loss_plus = float(loss_fn())
-        self._write(seed, -self.eps)
-        loss_minus = float(loss_fn())
-        projected_grad = (loss_plus - loss_minus) / (2.0 * self.eps)
-        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+        eps = self.settings.eps if eps is None else eps
+        grads, plus, minus = self.estimate(seed, eps, loss_fn)
+        mean_plus, mean_minus = sum(plus) / len(plus), sum(minus) / len(minus)
+        if not all(math.isfinite(v) for v in plus + minus):
             self.restore()
-            return ZOStepRecord(step, seed, float("nan"), lr, loss_plus, loss_minus, skipped=True)
-        self.apply_update(seed, projected_grad, lr)
-        return ZOStepRecord(step, seed, projected_grad, lr, loss_plus, loss_minus)
+            return ZOStepRecord(step, seed, float("nan"), lr, mean_plus, mean_minus, skipped=True, eps=eps)
+        self.apply_update(seed, grads, lr)
+        return ZOStepRecord(step, seed, sum(grads) / len(grads), lr, mean_plus, mean_minus, projected_grads=grads, eps=eps)

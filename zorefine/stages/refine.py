@@ -1,12 +1,14 @@
-"""refine: MeZO-style ZO-SGD on the selected layers, forward passes only."""
+"""refine: MeZO-style zeroth-order refinement of the selected layers, forward passes only."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -17,9 +19,11 @@ from zorefine.models.layers import find_decoder_layers
 from zorefine.models.loading import save_checkpoint
 from zorefine.objectives import encode_batch, response_nll
 from zorefine.pipeline import REFINED_DIR, Run
+from zorefine.replay import apply_records, settings_from_config
 from zorefine.stages.analyze import SELECTION_FILE
-from zorefine.trajectory import TrajectoryWriter, environment, iter_steps, read_trajectory
-from zorefine.zo import ZOEngine, step_seed
+from zorefine.threats import parse_threat, threatened
+from zorefine.trajectory import TrajectoryWriter, environment, read_trajectory
+from zorefine.zo import ZOEngine, scheduled, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ def selected_parameters(model: torch.nn.Module, layers: list[int]) -> dict[str, 
     return params
 
 
-def batch_sampler(run: Run):
+def batch_sampler(run: Run) -> Callable[[int], list[tuple[str, str]]]:
     """Per-step training batches: half harmful->refusal, half benign->answer, seeded by step."""
     harmful = [(e.prompt, e.response) for e in run.split("train", "harmful")]
     benign = [(e.prompt, e.response) for e in run.split("train", "benign")]
@@ -63,8 +67,30 @@ def batch_sampler(run: Run):
     return sample
 
 
+def step_objective(run: Run, model, tokenizer, pairs: list[tuple[str, str]], step: int) -> Callable[[], float]:
+    """The alignment loss of one step's batch, over ``grad_accum`` micro-batches.
+
+    With ``refine.objective_threat`` the loss is that of the threatened model; the threat's
+    seed is fixed for the step, so the + and − passes see the same noise sample.
+    """
+    cfg = run.cfg.refine
+    chunk = max(1, -(-len(pairs) // cfg.grad_accum))
+    batches = [encode_batch(tokenizer, pairs[i : i + chunk], run.cfg.data.max_length) for i in range(0, len(pairs), chunk)]
+    threat = None
+    if cfg.objective_threat:
+        threat = parse_threat(cfg.objective_threat)
+        if hasattr(threat, "seed"):
+            threat = dataclasses.replace(threat, seed=step_seed(cfg.seed + 7919, step))
+
+    def loss() -> float:
+        with threatened(model, threat) if threat is not None else contextlib.nullcontext():
+            return sum(float(response_nll(model, b)) * b["input_ids"].shape[0] for b in batches) / len(pairs)
+
+    return loss
+
+
 def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether a logged run can be continued: same start, layers and settings but the step count."""
+    """Whether a logged run can be continued: same start, parameters and settings but the step count."""
 
     def settings(header: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in header.get("refine", {}).items() if k not in ("steps", "log_every")}
@@ -76,6 +102,19 @@ def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
     )
 
 
+def resume_records(engine: ZOEngine, log_path, header: dict[str, Any], max_steps: int) -> list:
+    """Replay the steps a killed run logged (when its settings match) and return them."""
+    previous_header, previous_steps = read_trajectory(log_path)
+    if previous_header is not None and not _same_trajectory(previous_header, header):
+        log.warning("[refine] %s belongs to another configuration; starting over", log_path)
+        return []
+    previous_steps = previous_steps[:max_steps]
+    if previous_steps:
+        apply_records(engine, previous_steps)
+        log.info("[refine] resumed: replayed %d logged steps", len(previous_steps))
+    return previous_steps
+
+
 def run(run: Run) -> dict[str, Any]:
     """Refine, append each step to ``trajectory.jsonl``, write the refined checkpoint."""
     cfg = run.cfg.refine
@@ -84,32 +123,25 @@ def run(run: Run) -> dict[str, Any]:
     model, tokenizer = run.load_model(checkpoint)
     layers = selected_layers(run)
     params = selected_parameters(model, layers)
-    engine = ZOEngine(params, cfg.eps)
+    refine_cfg = OmegaConf.to_container(cfg, resolve=True)
+    engine = ZOEngine(params, settings=settings_from_config(refine_cfg))
     header = {
         "base_checkpoint": str(checkpoint),
         "layers": layers,
-        "parameters": sorted(params),
-        "refine": OmegaConf.to_container(cfg, resolve=True),
+        "parameters": list(params),
+        "refine": refine_cfg,
         "environment": environment(),
     }
     log_path = run.run_dir / TRAJECTORY_FILE
-    previous_header, previous_steps = read_trajectory(log_path)
-    if previous_header is not None and not _same_trajectory(previous_header, header):
-        log.warning("[refine] %s belongs to another configuration; starting over", log_path)
-        previous_steps = []
-    previous_steps = previous_steps[: cfg.steps]
-    for record in iter_steps(previous_steps):
-        engine.apply_update(record.seed, record.projected_grad, record.lr)
-    if previous_steps:
-        log.info("[refine] resumed: replayed %d logged steps", len(previous_steps))
+    records = resume_records(engine, log_path, header, cfg.steps)
     sample = batch_sampler(run)
-    max_length = run.cfg.data.max_length
-    records = list(previous_steps)
-    progress = tqdm(range(len(previous_steps), cfg.steps), desc="refine", initial=len(previous_steps), total=cfg.steps)
-    with TrajectoryWriter(log_path, header, len(previous_steps)) as writer:
+    progress = tqdm(range(len(records), cfg.steps), desc="refine", initial=len(records), total=cfg.steps)
+    with TrajectoryWriter(log_path, header, len(records)) as writer:
         for step in progress:
-            batch = encode_batch(tokenizer, sample(step), max_length)
-            record = engine.step(step, step_seed(cfg.seed, step), cfg.lr, lambda: response_nll(model, batch))
+            loss_fn = step_objective(run, model, tokenizer, sample(step), step)
+            lr = scheduled(cfg.lr, step, cfg.steps, cfg.lr_schedule)
+            eps = scheduled(cfg.eps, step, cfg.steps, cfg.eps_schedule, final_fraction=0.1)
+            record = engine.step(step, step_seed(cfg.seed, step), lr, loss_fn, eps=eps)
             writer.append(record)
             records.append(record)
             progress.set_postfix(loss=f"{record.loss:.4f}", g=f"{record.projected_grad:+.3f}")
@@ -127,6 +159,6 @@ def run(run: Run) -> dict[str, Any]:
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "trajectory": str(log_path),
-        "forward_passes": 2 * len(records),
+        "forward_passes": 2 * cfg.num_directions * cfg.grad_accum * len(records),
         "seconds": round(time.perf_counter() - started, 1),
     }
