@@ -134,3 +134,13 @@ def test_refine_variants_replay_exactly(micro_checkpoint, tmp_path, overrides):
     assert any(not torch.equal(base[k], refined[k]) for k in base)
     replayed = _weights(replay(micro_checkpoint, tmp_path / "trajectory.jsonl", tmp_path / "replayed"))
     assert all(torch.equal(replayed[k], refined[k]) for k in refined)
+
+
+def test_prefix_cache_gives_the_same_trajectory(micro_checkpoint, tmp_path):
+    logs = {}
+    for cached in (True, False):
+        cfg = make_cfg(micro_checkpoint, **{"refine.layers": "[1,2]", "refine.steps": 3, "refine.prefix_cache": cached})
+        refine.run(Run(cfg, tmp_path / str(cached)))
+        logs[cached] = read_trajectory(tmp_path / str(cached) / "trajectory.jsonl")[1]
+    assert [r.projected_grads for r in logs[True]] == [r.projected_grads for r in logs[False]]
+    assert [r.loss_plus for r in logs[True]] == [r.loss_plus for r in logs[False]]

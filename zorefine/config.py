@@ -127,6 +127,8 @@ class RefineConfig:
     # Evaluate the objective on the model under a threat (e.g. "rtn:int4", "wnoise:0.05"):
     # one noise sample per step, shared by the + and - passes. null = the clean model.
     objective_threat: Optional[str] = None
+    # Compute the layers below the first selected one once per step instead of per pass.
+    prefix_cache: bool = True
     # Explicit layer indices; null = the top-k layers chosen by analyze.
     layers: Optional[List[int]] = None
     log_every: int = 5

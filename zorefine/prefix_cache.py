@@ -34,7 +34,8 @@ Guards against stale caches, so a cache is never silently reused on the wrong in
   values when ``verify=True``, the default). This also catches calls that bypass the model's
   ``__call__`` and perturbed embeddings, which would invalidate the cache.
 * The version counters of the prefix layers' parameters are checked: an in-place write to any
-  of them (``param.copy_``/``add_``, as the ZO engine does) after capture raises.
+  of them (``param.copy_``/``add_``, as the ZO engine does) after capture raises. Writes through
+  ``param.data`` bypass version counters and are *not* detected.
 * A replayed tensor that the model modified in place (which would corrupt the next replay) is
   detected through its version counter.
 
@@ -85,6 +86,10 @@ __all__ = ["PrefixCache", "StaleCacheError", "cached_loss_fn"]
 _IGNORED_INPUTS = frozenset({"labels"})
 
 _MISSING = object()
+
+
+class _PrefixComputed(Exception):
+    """Raised by the last prefix layer in :meth:`PrefixCache.capture_prefix` to skip the suffix."""
 
 
 class StaleCacheError(RuntimeError):
@@ -188,6 +193,7 @@ class PrefixCache:
         self._inputs: list[dict[str, torch.Tensor]] = []
         self._param_versions: list[tuple[str, torch.Tensor, int]] = []
         self._busy = False
+        self._stop_after_prefix = False
         # Per-context call counters: index of the current model call, per prefix layer and at the top.
         self._layer_calls: list[int] = []
         self._model_calls = 0
@@ -213,6 +219,26 @@ class PrefixCache:
         self._records = None
         self._inputs = []
         self._param_versions = []
+
+    def capture_prefix(self, calls: "list[Callable[[], Any]]") -> None:
+        """Record the prefix outputs of each model call, computing the prefix only.
+
+        Each callable makes one model call (e.g. one micro-batch). The call stops after the
+        last cached layer, so a capture costs ``first_layer / num_layers`` of a forward pass;
+        a ZO step with cached prefix then costs that plus one suffix pass per evaluation.
+        """
+        if not self.active:
+            return
+        self._stop_after_prefix = True
+        try:
+            with self.capture():
+                for call in calls:
+                    try:
+                        call()
+                    except _PrefixComputed:
+                        pass
+        finally:
+            self._stop_after_prefix = False
 
     # ------------------------------------------------------------------ contexts
 
@@ -247,9 +273,10 @@ class PrefixCache:
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         """Within: model calls skip layers ``< first_layer`` and use the recorded outputs instead."""
-        if self._records is None:
-            raise StaleCacheError("PrefixCache.replay() called before a completed capture(); run the clean forward under capture() first")
         self._enter()
+        if self._records is None:
+            self._busy = False
+            raise StaleCacheError("PrefixCache.replay() called before a completed capture(); run the clean forward under capture() first")
         self._layer_calls = [0] * len(self._layers)
         self._model_calls = 0
         try:
@@ -390,6 +417,9 @@ class PrefixCache:
                 stored = _map_tensors(output, lambda t: t.detach().clone())
                 records[call].outputs[index] = stored
                 records[call].versions.extend((t, _version(t)) for t in _tensors(stored))
+            if last and self._stop_after_prefix:
+                # The suffix and the head would be computed for nothing: stop this call here.
+                raise _PrefixComputed
             return output
 
         return forward

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -19,6 +20,7 @@ from zorefine.models.layers import find_decoder_layers
 from zorefine.models.loading import save_checkpoint
 from zorefine.objectives import encode_batch, response_nll
 from zorefine.pipeline import REFINED_DIR, Run
+from zorefine.prefix_cache import PrefixCache
 from zorefine.replay import apply_records, settings_from_config
 from zorefine.stages.analyze import SELECTION_FILE
 from zorefine.threats import parse_threat, threatened
@@ -67,11 +69,15 @@ def batch_sampler(run: Run) -> Callable[[int], list[tuple[str, str]]]:
     return sample
 
 
-def step_objective(run: Run, model, tokenizer, pairs: list[tuple[str, str]], step: int) -> Callable[[], float]:
+def step_objective(
+    run: Run, model, tokenizer, pairs: list[tuple[str, str]], step: int, first_layer: int = 0
+) -> Callable[[], float]:
     """The alignment loss of one step's batch, over ``grad_accum`` micro-batches.
 
     With ``refine.objective_threat`` the loss is that of the threatened model; the threat's
-    seed is fixed for the step, so the + and − passes see the same noise sample.
+    seed is fixed for the step, so the + and − passes see the same noise sample. With
+    ``first_layer > 0`` (no layer below it is refined) the unperturbed prefix is computed once
+    here and every evaluation of the returned closure runs only the layers from there on.
     """
     cfg = run.cfg.refine
     chunk = max(1, -(-len(pairs) // cfg.grad_accum))
@@ -82,18 +88,26 @@ def step_objective(run: Run, model, tokenizer, pairs: list[tuple[str, str]], ste
         if hasattr(threat, "seed"):
             threat = dataclasses.replace(threat, seed=step_seed(cfg.seed + 7919, step))
 
+    cache = PrefixCache(model, first_layer if threat is None else 0, keep_all=False)
+    cache.capture_prefix([functools.partial(_forward, model, b) for b in batches])
+
     def loss() -> float:
         with threatened(model, threat) if threat is not None else contextlib.nullcontext():
-            return sum(float(response_nll(model, b)) * b["input_ids"].shape[0] for b in batches) / len(pairs)
+            with cache.replay() if cache.active else contextlib.nullcontext():
+                return sum(float(response_nll(model, b)) * b["input_ids"].shape[0] for b in batches) / len(pairs)
 
     return loss
+
+
+def _forward(model, batch: dict[str, torch.Tensor]) -> None:
+    model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device))
 
 
 def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether a logged run can be continued: same start, parameters and settings but the step count."""
 
     def settings(header: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in header.get("refine", {}).items() if k not in ("steps", "log_every")}
+        return {k: v for k, v in header.get("refine", {}).items() if k not in ("steps", "log_every", "prefix_cache")}
 
     return (
         previous.get("base_checkpoint") == current["base_checkpoint"]
@@ -125,6 +139,8 @@ def run(run: Run) -> dict[str, Any]:
     params = selected_parameters(model, layers)
     refine_cfg = OmegaConf.to_container(cfg, resolve=True)
     engine = ZOEngine(params, settings=settings_from_config(refine_cfg))
+    # Layers below the first selected one are never perturbed: their output can be cached.
+    first_layer = min(layers)
     header = {
         "base_checkpoint": str(checkpoint),
         "layers": layers,
@@ -138,7 +154,7 @@ def run(run: Run) -> dict[str, Any]:
     progress = tqdm(range(len(records), cfg.steps), desc="refine", initial=len(records), total=cfg.steps)
     with TrajectoryWriter(log_path, header, len(records)) as writer:
         for step in progress:
-            loss_fn = step_objective(run, model, tokenizer, sample(step), step)
+            loss_fn = step_objective(run, model, tokenizer, sample(step), step, first_layer if cfg.prefix_cache else 0)
             lr = scheduled(cfg.lr, step, cfg.steps, cfg.lr_schedule)
             eps = scheduled(cfg.eps, step, cfg.steps, cfg.eps_schedule, final_fraction=0.1)
             record = engine.step(step, step_seed(cfg.seed, step), lr, loss_fn, eps=eps)

@@ -1,0 +1,181 @@
+"""Benchmark: cost of one ZO step against one forward pass, zorefine vs a MeZO-faithful baseline.
+
+Prints one JSON object of ratios measured in this run (machines are noisy; ratios within one
+run are not):
+
+- ``step_over_forward``: seconds per ZO step ÷ seconds per plain forward pass of the batch;
+- ``regen_share``: share of the step spent outside forward passes (regenerating directions,
+  writing weights), measured as the step with a free loss ÷ the real step;
+- ``speedup_vs_mezo``: MeZO-faithful step time ÷ zorefine step time, same selection and batch;
+- ``peak_memory_over_inference``: peak RSS of a process doing ZO steps ÷ one doing forwards
+  (each measured in a fresh subprocess).
+
+The MeZO-faithful baseline follows Malladi et al. 2023: one global seed per step, each pass
+redraws every tensor's z in order from it; four passes per step (+ε, −2ε, +ε restore, update),
+out-of-place adds, no prefix caching.
+
+Usage: ``python bench/zo_step.py [--model builtin|100m|1b] [--batch 8] [--seq 96] [--repeats 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from zorefine.models.layers import find_decoder_layers
+from zorefine.zo import ZOEngine, step_seed
+
+MODELS = {
+    "builtin": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4),
+    "100m": dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16),
+}
+
+
+def build(name: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(**MODELS[name], num_key_value_heads=MODELS[name]["num_attention_heads"], max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    return model.cuda() if torch.cuda.is_available() else model
+
+
+def batch_for(model, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator).to(model.device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def selection(model, which: str) -> dict[str, torch.nn.Parameter]:
+    """"full": every parameter; "top_half": the decoder layers of the second half."""
+    if which == "full":
+        return dict(model.named_parameters())
+    layers = find_decoder_layers(model)
+    params: dict[str, torch.nn.Parameter] = {}
+    for index in range(len(layers) // 2, len(layers)):
+        params.update(layers.parameters(index))
+    return params
+
+
+class MeZOBaseline:
+    """The reference MeZO step: global seed per step, 4 regeneration passes, out-of-place adds."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], eps: float) -> None:
+        self.params, self.eps = params, eps
+
+    @torch.no_grad()
+    def _perturb(self, seed: int, scale: float) -> None:
+        torch.manual_seed(seed)
+        for param in self.params.values():
+            z = torch.normal(mean=0, std=1, size=param.shape, device=param.device, dtype=param.dtype)
+            param.data = param.data + scale * z
+
+    @torch.no_grad()
+    def step(self, step: int, seed: int, lr: float, loss_fn: Callable[[], float]) -> None:
+        self._perturb(seed, self.eps)
+        loss_plus = float(loss_fn())
+        self._perturb(seed, -2 * self.eps)
+        loss_minus = float(loss_fn())
+        self._perturb(seed, self.eps)
+        self._perturb(seed, -lr * (loss_plus - loss_minus) / (2 * self.eps))
+
+
+def measure(model_name: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
+    model = build(model_name)
+    inputs = batch_for(model, batch, seq)
+
+    def loss() -> float:
+        return float(model(**inputs).loss)
+
+    results: dict[str, float] = {}
+    with torch.no_grad():
+        forward = timed(loss, repeats)
+    results["forward_seconds"] = forward
+    for which in ("full", "top_half"):
+        params = selection(model, which)
+        engine = ZOEngine(params, eps=1e-3)
+        counter = iter(range(10**9))
+        ours = timed(lambda: engine.step(0, step_seed(0, next(counter)), 0.0, loss), repeats)
+        free = timed(lambda: engine.step(0, step_seed(0, next(counter)), 0.0, lambda: 0.0), repeats)
+        engine.restore()
+        baseline = MeZOBaseline(params, eps=1e-3)
+        mezo = timed(lambda: baseline.step(0, next(counter), 0.0, loss), repeats)
+        results[f"{which}/step_over_forward"] = ours / forward
+        results[f"{which}/regen_share"] = free / ours
+        results[f"{which}/mezo_step_over_forward"] = mezo / forward
+        results[f"{which}/speedup_vs_mezo"] = mezo / ours
+    return results
+
+
+def _peak_rss_child(model_name: str, batch: int, seq: int, mode: str) -> int:
+    """Run forwards or ZO steps in this process and return its peak RSS (KiB)."""
+    model = build(model_name)
+    inputs = batch_for(model, batch, seq)
+    with torch.no_grad():
+        if mode == "inference":
+            for _ in range(3):
+                model(**inputs)
+        else:
+            engine = ZOEngine(selection(model, mode), eps=1e-3)
+            for step in range(3):
+                engine.step(step, step_seed(0, step), 1e-6, lambda: float(model(**inputs).loss))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_memory_ratios(model_name: str, batch: int, seq: int) -> dict[str, float]:
+    def child(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", mode, "--model", model_name, "--batch", str(batch), "--seq", str(seq)],
+            capture_output=True, text=True, check=True,
+        )
+        return int(out.stdout.strip().splitlines()[-1])
+
+    inference = child("inference")
+    return {f"{mode}/peak_memory_over_inference": child(mode) / inference for mode in ("full", "top_half")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin", choices=sorted(MODELS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.child:
+        print(_peak_rss_child(args.model, args.batch, args.seq, args.child))
+        return
+    report = {"model": args.model, "batch": args.batch, "seq": args.seq, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    report.update(measure(args.model, args.batch, args.seq, args.repeats))
+    report.update(peak_memory_ratios(args.model, args.batch, args.seq))
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
