@@ -7,8 +7,12 @@ run are not):
 - ``regen_share``: share of the step spent outside forward passes (regenerating directions,
   writing weights), measured as the step with a free loss ÷ the real step;
 - ``speedup_vs_mezo``: MeZO-faithful step time ÷ zorefine step time, same selection and batch;
-- ``peak_memory_over_inference``: peak RSS of a process doing ZO steps ÷ one doing forwards
-  (each measured in a fresh subprocess).
+- ``peak_memory_over_inference``: peak RSS while doing ZO steps ÷ peak RSS while doing
+  forwards, each in a fresh subprocess and sampled only after the model is built. zorefine
+  keeps an fp32 master copy of the selected tensors (exact restores), so a full-model
+  selection costs one extra copy of the weights; a top-k selection only of those layers.
+- ``*_rademacher``: the same step with ±1 directions (cheaper to regenerate on CPU);
+  ``*_cached``: with the unperturbed prefix computed once per step (prefix caching).
 
 The MeZO-faithful baseline follows Malladi et al. 2023: one global seed per step, each pass
 redraws every tensor's z in order from it; four passes per step (+ε, −2ε, +ε restore, update),
@@ -20,6 +24,9 @@ Usage: ``python bench/zo_step.py [--model builtin|100m|1b] [--batch 8] [--seq 96
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import threading
 import json
 import resource
 import subprocess
@@ -31,7 +38,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zorefine.models.layers import find_decoder_layers
-from zorefine.zo import ZOEngine, step_seed
+from zorefine.prefix_cache import PrefixCache
+from zorefine.zo import ZOEngine, ZOSettings, step_seed
 
 MODELS = {
     "builtin": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4),
@@ -129,14 +137,66 @@ def measure(model_name: str, batch: int, seq: int, repeats: int) -> dict[str, fl
         results[f"{which}/regen_share"] = free / ours
         results[f"{which}/mezo_step_over_forward"] = mezo / forward
         results[f"{which}/speedup_vs_mezo"] = mezo / ours
+        first = len(find_decoder_layers(model)) // 2 if which == "top_half" else 0
+        for direction in ("gaussian", "rademacher"):
+            if first == 0 and direction == "gaussian":
+                continue  # measured above
+            variant = ZOEngine(params, settings=ZOSettings(eps=1e-3, direction=direction))
+            tag = f"{which}{'_cached' if first else ''}_{direction}"
+            seconds = timed(lambda: variant.step(0, step_seed(0, next(counter)), 0.0, _cached_loss(model, inputs, first)), repeats)
+            variant.restore()
+            results[f"{tag}/step_over_forward"] = seconds / forward
+            results[f"{tag}/speedup_vs_mezo"] = mezo / seconds
     return results
 
 
+def _cached_loss(model, inputs: dict[str, torch.Tensor], first_layer: int) -> Callable[[], float]:
+    """What refine does each step: compute the unperturbed prefix once, replay it per pass."""
+    cache = PrefixCache(model, first_layer, keep_all=False)
+    cache.capture_prefix([lambda: model(input_ids=inputs["input_ids"])])
+
+    def loss() -> float:
+        with cache.replay() if cache.active else contextlib.nullcontext():
+            return float(model(**inputs).loss)
+
+    return loss
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+class _PeakRSS:
+    """Samples this process's resident memory every millisecond while active."""
+
+    def __enter__(self) -> "_PeakRSS":
+        self.peak, self._running = _rss_bytes(), True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
 def _peak_rss_child(model_name: str, batch: int, seq: int, mode: str) -> int:
-    """Run forwards or ZO steps in this process and return its peak RSS (KiB)."""
+    """Peak RSS (bytes) while running forwards or ZO steps, after the model is built.
+
+    Building a model has its own, higher peak (initialisation temporaries); sampling only the
+    work phase keeps that out of the comparison.
+    """
     model = build(model_name)
     inputs = batch_for(model, batch, seq)
-    with torch.no_grad():
+    gc.collect()
+    with torch.no_grad(), _PeakRSS() as rss:
         if mode == "inference":
             for _ in range(3):
                 model(**inputs)
@@ -144,7 +204,7 @@ def _peak_rss_child(model_name: str, batch: int, seq: int, mode: str) -> int:
             engine = ZOEngine(selection(model, mode), eps=1e-3)
             for step in range(3):
                 engine.step(step, step_seed(0, step), 1e-6, lambda: float(model(**inputs).loss))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss.peak
 
 
 def peak_memory_ratios(model_name: str, batch: int, seq: int) -> dict[str, float]:

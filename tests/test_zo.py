@@ -113,3 +113,85 @@ def test_spsa_estimate_agrees_with_the_true_gradient_in_expectation():
     estimate /= directions
     cosine = torch.nn.functional.cosine_similarity(estimate.flatten(), true_grad.flatten(), dim=0)
     assert cosine > 0.8
+
+
+def test_bf16_model_restores_exactly_through_the_fp32_master():
+    model = tiny_model("llama").to(torch.bfloat16)
+    before = _snapshot(model)
+    engine = ZOEngine(_layer_params(model), eps=1e-3)
+    ids = torch.arange(12).unsqueeze(0)
+    for step in range(3):
+        engine.step(step, step_seed(5, step), 0.0, lambda: model(input_ids=ids).logits.float().pow(2).mean())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(m.dtype == torch.float32 for m in engine.master.values())
+
+
+def test_small_bf16_updates_accumulate_in_the_master_copy():
+    model = tiny_model("llama").to(torch.bfloat16)
+    params = _layer_params(model)
+    engine = ZOEngine(params, eps=1e-3)
+    start = {n: m.clone() for n, m in engine.master.items()}
+    for step in range(4):
+        engine.apply_update(step_seed(1, step), 1.0, 1e-5)  # far below bf16 resolution of the weights
+    moved = sum(int((engine.master[n] != start[n]).sum()) for n in params)
+    assert moved > 0.9 * sum(p.numel() for p in params.values())
+
+
+def test_more_directions_lower_the_variance_of_the_estimate():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(6, 5))
+    data, target = torch.randn(16, 5), torch.randn(16, 6)
+
+    def loss() -> torch.Tensor:
+        return ((data @ weight.T - target) ** 2).mean()
+
+    true_grad = torch.autograd.grad(loss(), weight)[0]
+
+    def squared_errors(num_directions: int) -> float:
+        from zorefine.zo import ZOSettings, direction_seed
+
+        engine = ZOEngine({"w": weight}, settings=ZOSettings(eps=1e-3, num_directions=num_directions))
+        errors = []
+        with torch.no_grad():
+            for trial in range(150):
+                grads, _, _ = engine.estimate(trial, 1e-3, loss)
+                engine.restore()
+                estimate = sum(g * gaussian_direction(weight, tensor_seed(direction_seed(trial, i), "w")) for i, g in enumerate(grads)) / len(grads)
+                errors.append(float((estimate - true_grad).pow(2).sum()))
+        return sum(errors) / len(errors)
+
+    assert squared_errors(8) < 0.35 * squared_errors(1)
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam", "sign"])
+def test_optimizers_descend_a_quadratic(optimizer):
+    from zorefine.zo import ZOSettings
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    target = torch.zeros(4, 4)
+    engine = ZOEngine({"w": weight}, settings=ZOSettings(eps=1e-3, optimizer=optimizer, num_directions=4))
+    start = float((weight - target).pow(2).sum())
+    lr = {"momentum": 0.01, "adam": 0.05, "sign": 0.02}[optimizer]
+    for step in range(60):
+        engine.step(step, step_seed(2, step), lr, lambda: (weight - target).pow(2).sum())
+    assert float((weight - target).pow(2).sum()) < 0.5 * start
+    assert set(engine.state) <= {"w"}
+
+
+def test_rademacher_directions_are_signs_seeded_and_replayable(tmp_path):
+    from zorefine.perturb import rademacher_direction
+    from zorefine.zo import ZOSettings
+
+    weight = torch.zeros(37, 11)
+    z = rademacher_direction(weight, 3)
+    assert z.shape == weight.shape and set(z.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(z, rademacher_direction(weight, 3)) and not torch.equal(z, rademacher_direction(weight, 4))
+    assert abs(float(z.mean())) < 0.1
+    model = tiny_model("llama")
+    before = _snapshot(model)
+    engine = ZOEngine(_layer_params(model), settings=ZOSettings(eps=1e-2, direction="rademacher"))
+    ids = torch.arange(8).unsqueeze(0)
+    engine.step(0, 9, 0.0, lambda: model(input_ids=ids).logits.float().mean())
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())

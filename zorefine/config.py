@@ -115,6 +115,8 @@ class RefineConfig:
     eps_mode: str = "absolute"
     # n-SPSA: directions averaged per step (2 forward passes each).
     num_directions: int = 1
+    # "gaussian" (MeZO) or "rademacher" (±1 entries, cheaper to regenerate on CPU).
+    direction: str = "gaussian"
     # "sgd" | "momentum" | "adam" | "sign" (state, if any, only for the selected tensors).
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -216,6 +218,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.refine.batch_size >= 1, "refine.batch_size must be >= 1")
     _require(cfg.refine.eps_mode in ("absolute", "relative"), "refine.eps_mode must be 'absolute' or 'relative'")
     _require(cfg.refine.num_directions >= 1, "refine.num_directions must be >= 1")
+    _require(cfg.refine.direction in ("gaussian", "rademacher"), "refine.direction must be 'gaussian' or 'rademacher'")
     _require(
         cfg.refine.optimizer in ("sgd", "momentum", "adam", "sign"),
         f"refine.optimizer must be one of sgd, momentum, adam, sign; got {cfg.refine.optimizer!r}",

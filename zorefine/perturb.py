@@ -38,3 +38,26 @@ def tensor_rms(tensor: torch.Tensor) -> float:
     if tensor.numel() == 0:
         return 0.0
     return float(tensor.detach().float().pow(2).mean().sqrt())
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def rademacher_direction(reference: torch.Tensor, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Random ±1 tensor shaped like ``reference``, reproducible from ``seed``.
+
+    A valid SPSA direction (zero mean, identity covariance) that costs one random byte per
+    eight entries: on CPU about four times cheaper to regenerate than a Gaussian one.
+    """
+    device = reference.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    count = reference.numel()
+    random_bytes = torch.randint(0, 256, ((count + 7) // 8,), dtype=torch.uint8, generator=generator, device=device)
+    shifts = _BIT_SHIFTS.setdefault(device, torch.arange(8, dtype=torch.uint8, device=device))
+    bits = ((random_bytes.unsqueeze(1) >> shifts) & 1).flatten()[:count]
+    direction = bits.to(dtype or torch.float32).mul_(2).sub_(1)
+    return direction.view(reference.shape)
+
+
+DIRECTIONS = {"gaussian": gaussian_direction, "rademacher": rademacher_direction}

@@ -24,6 +24,7 @@ def settings_from_config(refine_cfg: Mapping[str, Any]) -> ZOSettings:
         eps=float(refine_cfg["eps"]),
         eps_mode=refine_cfg.get("eps_mode", "absolute"),
         num_directions=int(refine_cfg.get("num_directions", 1)),
+        direction=refine_cfg.get("direction", "gaussian"),
         optimizer=refine_cfg.get("optimizer", "sgd"),
         momentum=float(refine_cfg.get("momentum", 0.9)),
     )

@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from zorefine.perturb import gaussian_direction, tensor_rms, tensor_seed
+from zorefine.perturb import DIRECTIONS, tensor_rms, tensor_seed
 
 _STEP_SEED_SPACE = 2**31 - 1
 OPTIMIZERS = ("sgd", "momentum", "adam", "sign")
@@ -58,6 +58,8 @@ class ZOSettings:
     # "absolute": the same ε for every tensor; "relative": ε × each tensor's RMS at the start.
     eps_mode: str = "absolute"
     num_directions: int = 1
+    # "gaussian" (MeZO) or "rademacher" (±1 entries; cheaper to regenerate).
+    direction: str = "gaussian"
     optimizer: str = "sgd"
     momentum: float = 0.9
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -70,6 +72,8 @@ class ZOSettings:
             raise ValueError(f"eps_mode must be 'absolute' or 'relative', got {self.eps_mode!r}")
         if self.num_directions < 1:
             raise ValueError("num_directions must be >= 1")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {sorted(DIRECTIONS)}, got {self.direction!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
@@ -128,6 +132,7 @@ class ZOEngine:
             for name, m in self.master.items()
         }
         self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self._draw = DIRECTIONS[self.settings.direction]
         self.updates = 0
 
     @property
@@ -136,7 +141,7 @@ class ZOEngine:
         return sum(p.numel() for p in self.params.values())
 
     def _direction(self, name: str, seed: int) -> torch.Tensor:
-        return gaussian_direction(self.master[name], tensor_seed(seed, name))
+        return self._draw(self.master[name], tensor_seed(seed, name))
 
     @torch.no_grad()
     def _write(self, seed: int, eps: float) -> None:
