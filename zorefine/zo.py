@@ -147,7 +147,12 @@ class ZOEngine:
     def _write(self, seed: int, eps: float) -> None:
         """Set every selected weight to ``master + eps * scale * z`` in place."""
         for name, param in self.params.items():
-            param.copy_(self.master[name].add(self._direction(name, seed), alpha=eps * self.scales[name]))
+            master, alpha = self.master[name], eps * self.scales[name]
+            if param.dtype == master.dtype and param.device == master.device:
+                # Written straight into the weight: no temporary the size of the tensor.
+                torch.add(master, self._direction(name, seed), alpha=alpha, out=param.data)
+            else:
+                param.copy_(master.add(self._direction(name, seed), alpha=alpha))
 
     @torch.no_grad()
     def restore(self) -> None:
