@@ -172,18 +172,8 @@ class ZorefineConfig:
 
 
 def register_configs() -> None:
-    """Register the schema and one typed default option per config group."""
-    store = ConfigStore.instance()
-    store.store(name="zorefine_schema", node=ZorefineConfig)
-    for group, node in [
-        ("model", ModelConfig),
-        ("data", DataConfig),
-        ("align", AlignConfig),
-        ("analyze", AnalyzeConfig),
-        ("refine", RefineConfig),
-        ("evaluate", EvaluateConfig),
-    ]:
-        store.store(group=group, name="schema", node=node)
+    """Register the typed schema; the group options in ``conf/`` are merged onto it."""
+    ConfigStore.instance().store(name="zorefine_schema", node=ZorefineConfig)
 
 
 _DTYPES = {"float32", "bfloat16", "float16"}
