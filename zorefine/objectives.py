@@ -13,18 +13,23 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from zorefine.formatting import IGNORE_INDEX, collate, encode_example
 
 
-def response_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean negative log-likelihood of the labelled (response) tokens of a batch."""
+def _token_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL ``(B, T-1)`` (zero on unlabelled tokens) and the label mask."""
     batch = {key: value.to(model.device) for key, value in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # Token t predicts token t+1: (B, T-1, V) against (B, T-1).
     shifted_logits = logits[:, :-1, :].float()
     shifted_labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
+    token_nll = torch.nn.functional.cross_entropy(
+        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
     )
+    return token_nll, shifted_labels != IGNORE_INDEX
+
+
+def response_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood of the labelled (response) tokens of a batch."""
+    token_nll, mask = _token_nll(model, batch)
+    return token_nll.sum() / mask.sum().clamp(min=1)
 
 
 def encode_batch(
@@ -57,12 +62,5 @@ def mean_response_nll(
 
 
 def _per_example_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    batch = {key: value.to(model.device) for key, value in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = batch["labels"][:, 1:]
-    token_nll = torch.nn.functional.cross_entropy(
-        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (B, T-1)
-    counts = (shifted_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return token_nll.sum(dim=1) / counts
+    token_nll, mask = _token_nll(model, batch)
+    return token_nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)

@@ -126,7 +126,7 @@ def stage_functions() -> dict[Stage, StageFn]:
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
     """Run the configured stages in pipeline order, skipping finished ones when resuming."""
     run = Run(cfg, Path(run_dir))
-    requested = {Stage(s) if not isinstance(s, Stage) else s for s in cfg.stages}
+    requested = {Stage(s) for s in cfg.stages}
     if not cfg.resume:
         for stage in requested:
             run.marker(stage).unlink(missing_ok=True)

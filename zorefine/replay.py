@@ -7,6 +7,7 @@ type and torch version as the original run (see :data:`zorefine.trajectory.REPLA
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,15 +20,9 @@ from zorefine.zo import ZOEngine, ZOSettings, ZOStepRecord
 
 
 def settings_from_config(refine_cfg: Mapping[str, Any]) -> ZOSettings:
-    """Engine settings from a ``refine`` config section (a dict or DictConfig)."""
-    return ZOSettings(
-        eps=float(refine_cfg["eps"]),
-        eps_mode=refine_cfg.get("eps_mode", "absolute"),
-        num_directions=int(refine_cfg.get("num_directions", 1)),
-        direction=refine_cfg.get("direction", "gaussian"),
-        optimizer=refine_cfg.get("optimizer", "sgd"),
-        momentum=float(refine_cfg.get("momentum", 0.9)),
-    )
+    """Engine settings from a ``refine`` config section: every ``ZOSettings`` field it names."""
+    names = {f.name for f in dataclasses.fields(ZOSettings)}
+    return ZOSettings(**{key: value for key, value in dict(refine_cfg).items() if key in names})
 
 
 def select_parameters(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.nn.Parameter]:

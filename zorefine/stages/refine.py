@@ -70,14 +70,14 @@ def batch_sampler(run: Run) -> Callable[[int], list[tuple[str, str]]]:
 
 
 def step_objective(
-    run: Run, model, tokenizer, pairs: list[tuple[str, str]], step: int, first_layer: int = 0
+    run: Run, model, tokenizer, pairs: list[tuple[str, str]], step: int, cache: PrefixCache | None = None
 ) -> Callable[[], float]:
     """The alignment loss of one step's batch, over ``grad_accum`` micro-batches.
 
     With ``refine.objective_threat`` the loss is that of the threatened model; the threat's
-    seed is fixed for the step, so the + and − passes see the same noise sample. With
-    ``first_layer > 0`` (no layer below it is refined) the unperturbed prefix is computed once
-    here and every evaluation of the returned closure runs only the layers from there on.
+    seed is fixed for the step, so the + and − passes see the same noise sample. With an
+    active ``cache`` (no layer below its first layer is refined) the unperturbed prefix is
+    computed once here and every evaluation of the returned closure runs only the rest.
     """
     cfg = run.cfg.refine
     chunk = max(1, -(-len(pairs) // cfg.grad_accum))
@@ -88,12 +88,14 @@ def step_objective(
         if hasattr(threat, "seed"):
             threat = dataclasses.replace(threat, seed=step_seed(cfg.seed + 7919, step))
 
-    cache = PrefixCache(model, first_layer if threat is None else 0, keep_all=False)
-    cache.capture_prefix([functools.partial(_forward, model, b) for b in batches])
+    # A threat on every decoder layer changes the prefix too: nothing to cache then.
+    use_cache = cache is not None and cache.active and threat is None
+    if use_cache:
+        cache.capture_prefix([functools.partial(_forward, model, b) for b in batches])
 
     def loss() -> float:
         with threatened(model, threat) if threat is not None else contextlib.nullcontext():
-            with cache.replay() if cache.active else contextlib.nullcontext():
+            with cache.replay() if use_cache else contextlib.nullcontext():
                 return sum(float(response_nll(model, b)) * b["input_ids"].shape[0] for b in batches) / len(pairs)
 
     return loss
@@ -140,7 +142,7 @@ def run(run: Run) -> dict[str, Any]:
     refine_cfg = OmegaConf.to_container(cfg, resolve=True)
     engine = ZOEngine(params, settings=settings_from_config(refine_cfg))
     # Layers below the first selected one are never perturbed: their output can be cached.
-    first_layer = min(layers)
+    cache = PrefixCache(model, min(layers), keep_all=False) if cfg.prefix_cache else None
     header = {
         "base_checkpoint": str(checkpoint),
         "layers": layers,
@@ -154,7 +156,7 @@ def run(run: Run) -> dict[str, Any]:
     progress = tqdm(range(len(records), cfg.steps), desc="refine", initial=len(records), total=cfg.steps)
     with TrajectoryWriter(log_path, header, len(records)) as writer:
         for step in progress:
-            loss_fn = step_objective(run, model, tokenizer, sample(step), step, first_layer if cfg.prefix_cache else 0)
+            loss_fn = step_objective(run, model, tokenizer, sample(step), step, cache)
             lr = scheduled(cfg.lr, step, cfg.steps, cfg.lr_schedule)
             eps = scheduled(cfg.eps, step, cfg.steps, cfg.eps_schedule, final_fraction=0.1)
             record = engine.step(step, step_seed(cfg.seed, step), lr, loss_fn, eps=eps)
