@@ -8,10 +8,12 @@ run are not):
   writing weights), measured as the step with a free loss ÷ the real step;
 - ``speedup_vs_mezo``: MeZO-faithful step time ÷ zorefine step time, same selection and batch;
 - ``peak_memory_over_inference``: peak RSS while doing ZO steps ÷ peak RSS while doing
-  forwards, each in a fresh subprocess and sampled only after the model is built. zorefine
-  keeps an fp32 master copy of the selected tensors (exact restores), so a full-model
-  selection costs one extra copy of the weights; a top-k selection only of those layers.
+  forwards, each in a fresh subprocess and sampled only after the model is built. The default
+  store keeps an fp32 master copy of the selected tensors (exact restores), so a full-model
+  selection costs one extra copy of the weights; the compensated store about a quarter of one.
 - ``*_rademacher``: the same step with ±1 directions (cheaper to regenerate on CPU);
+  ``*_compensated``: with ``store="compensated"`` (fp32 weights moved in place and restored
+  exactly from ~1 byte per weight instead of a 4-byte master copy);
   ``*_cached``: with the unperturbed prefix computed once per step (prefix caching).
 
 The MeZO-faithful baseline follows Malladi et al. 2023: one global seed per step, each pass
@@ -147,6 +149,12 @@ def measure(model_name: str, batch: int, seq: int, repeats: int) -> dict[str, fl
             variant.restore()
             results[f"{tag}/step_over_forward"] = seconds / forward
             results[f"{tag}/speedup_vs_mezo"] = mezo / seconds
+        compensated = ZOEngine(params, settings=ZOSettings(eps=1e-3, direction="rademacher", store="compensated"))
+        tag = f"{which}{'_cached' if first else ''}_rademacher_compensated"
+        seconds = timed(lambda: compensated.step(0, step_seed(0, next(counter)), 0.0, _cached_loss(model, inputs, first)), repeats)
+        compensated.restore()
+        results[f"{tag}/step_over_forward"] = seconds / forward
+        results[f"{tag}/speedup_vs_mezo"] = mezo / seconds
     return results
 
 
@@ -201,7 +209,8 @@ def _peak_rss_child(model_name: str, batch: int, seq: int, mode: str) -> int:
             for _ in range(3):
                 model(**inputs)
         else:
-            engine = ZOEngine(selection(model, mode), eps=1e-3)
+            which, _, store = mode.partition(":")
+            engine = ZOEngine(selection(model, which), settings=ZOSettings(eps=1e-3, store=store or "copy"))
             for step in range(3):
                 engine.step(step, step_seed(0, step), 1e-6, lambda: float(model(**inputs).loss))
     return rss.peak
@@ -216,7 +225,8 @@ def peak_memory_ratios(model_name: str, batch: int, seq: int) -> dict[str, float
         return int(out.stdout.strip().splitlines()[-1])
 
     inference = child("inference")
-    return {f"{mode}/peak_memory_over_inference": child(mode) / inference for mode in ("full", "top_half")}
+    modes = {"full": "full", "top_half": "top_half", "full_compensated": "full:compensated", "top_half_compensated": "top_half:compensated"}
+    return {f"{tag}/peak_memory_over_inference": child(mode) / inference for tag, mode in modes.items()}
 
 
 def main() -> None:

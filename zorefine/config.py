@@ -131,6 +131,9 @@ class RefineConfig:
     objective_threat: Optional[str] = None
     # Compute the layers below the first selected one once per step instead of per pass.
     prefix_cache: bool = True
+    # How exact restores are kept: "copy" (fp32 master copy of the selected weights, fastest)
+    # or "compensated" (fp32 weights restored from ~1 byte each; same trajectory, less memory).
+    store: str = "copy"
     # Explicit layer indices; null = the top-k layers chosen by analyze.
     layers: Optional[List[int]] = None
     log_every: int = 5
@@ -208,6 +211,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.refine.batch_size >= 1, "refine.batch_size must be >= 1")
     _require(cfg.refine.eps_mode in ("absolute", "relative"), "refine.eps_mode must be 'absolute' or 'relative'")
     _require(cfg.refine.num_directions >= 1, "refine.num_directions must be >= 1")
+    _require(cfg.refine.store in ("copy", "compensated"), "refine.store must be 'copy' or 'compensated'")
     _require(cfg.refine.direction in ("gaussian", "rademacher"), "refine.direction must be 'gaussian' or 'rademacher'")
     _require(
         cfg.refine.optimizer in ("sgd", "momentum", "adam", "sign"),

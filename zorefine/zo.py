@@ -4,7 +4,10 @@ A direction ``z`` is never stored. Each selected tensor regenerates its own dire
 a seed derived from the direction seed and the tensor's name (:mod:`zorefine.perturb`), so
 two tensors never share a direction and any tensor (or a process holding it) can perturb
 itself alone. Weights are written in place from an fp32 master copy of the selected tensors
-only: restores are exact (bit for bit), and bf16/fp16 models do not lose small updates.
+only (:class:`~zorefine.weight_store.MasterCopy`), or, for fp32 weights with
+``store="compensated"``, moved in place with about one byte per weight kept to undo the rounding
+(:class:`~zorefine.weight_store.CompensatedShift`). Either way restores are exact (bit for bit),
+and bf16/fp16 models do not lose small updates.
 
 Cost per step with q directions: 2q forward passes and 2q + 1 regenerations of the
 direction for plain ZO-SGD with q = 1 that is 3 (``+εz``, ``-εz``, and the update fused
@@ -20,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from zorefine.perturb import DIRECTIONS, tensor_rms, tensor_seed
+from zorefine.weight_store import STORES, make_store
 
 _STEP_SEED_SPACE = 2**31 - 1
 OPTIMIZERS = ("sgd", "momentum", "adam", "sign")
@@ -64,6 +68,10 @@ class ZOSettings:
     momentum: float = 0.9
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    # "copy": an fp32 master copy of the selected weights (fastest, 4 bytes per weight);
+    # "compensated": fp32 weights are moved in place and restored exactly from ~1 byte per
+    # weight (for models where memory is the limit). Half-precision weights always keep a copy.
+    store: str = "copy"
 
     def __post_init__(self) -> None:
         if self.eps <= 0:
@@ -76,6 +84,8 @@ class ZOSettings:
             raise ValueError(f"direction must be one of {sorted(DIRECTIONS)}, got {self.direction!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.store not in STORES:
+            raise ValueError(f"store must be one of {STORES}, got {self.store!r}")
 
 
 @dataclass
@@ -124,15 +134,17 @@ class ZOEngine:
         if eps is not None:
             self.settings.eps = float(eps)
         self.params = dict(params)
-        self.master = {name: p.detach().to(torch.float32).clone() for name, p in self.params.items()}
+        self._draw = DIRECTIONS[self.settings.direction]
+        self.stores = {
+            name: make_store(self.settings.store, p, self._drawer(name, p)) for name, p in self.params.items()
+        }
         # Per-tensor perturbation scale: 1 (absolute ε) or the tensor's RMS at the start
         # (relative ε), fixed for the run so replay can recompute it from the base weights.
         self.scales = {
-            name: (tensor_rms(m) or 1.0) if self.settings.eps_mode == "relative" else 1.0
-            for name, m in self.master.items()
+            name: (tensor_rms(p) or 1.0) if self.settings.eps_mode == "relative" else 1.0
+            for name, p in self.params.items()
         }
         self.state: dict[str, dict[str, torch.Tensor]] = {}
-        self._draw = DIRECTIONS[self.settings.direction]
         self.updates = 0
 
     @property
@@ -140,25 +152,26 @@ class ZOEngine:
         """How many scalar weights the engine refines."""
         return sum(p.numel() for p in self.params.values())
 
-    def _direction(self, name: str, seed: int) -> torch.Tensor:
-        return self._draw(self.master[name], tensor_seed(seed, name))
+    def _drawer(self, name: str, param: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        """The direction of tensor ``name`` for a direction seed, drawn in fp32 on its device."""
+        # The draw reads only the reference's shape and device, never its values.
+        return lambda seed: self._draw(param, tensor_seed(seed, name))
+
+    def theta(self, name: str) -> torch.Tensor:
+        """The exact fp32 value of a selected tensor (settles its weight first if needed)."""
+        return self.stores[name].theta()
 
     @torch.no_grad()
     def _write(self, seed: int, eps: float) -> None:
-        """Set every selected weight to ``master + eps * scale * z`` in place."""
-        for name, param in self.params.items():
-            master, alpha = self.master[name], eps * self.scales[name]
-            if param.dtype == master.dtype and param.device == master.device:
-                # Written straight into the weight: no temporary the size of the tensor.
-                torch.add(master, self._direction(name, seed), alpha=alpha, out=param.data)
-            else:
-                param.copy_(master.add(self._direction(name, seed), alpha=alpha))
+        """Set every selected weight to ``θ + eps * scale * z`` in place."""
+        for name, store in self.stores.items():
+            store.shift(seed, eps * self.scales[name])
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Write the master weights back (exact)."""
-        for name, param in self.params.items():
-            param.copy_(self.master[name])
+        """Bring every selected weight back to θ (exact)."""
+        for store in self.stores.values():
+            store.settle()
 
     @torch.no_grad()
     def estimate(self, seed: int, eps: float, loss_fn: Callable[[], torch.Tensor | float]) -> tuple[list[float], list[float], list[float]]:
@@ -180,25 +193,25 @@ class ZOEngine:
 
     @torch.no_grad()
     def apply_update(self, seed: int, projected_grads: float | Sequence[float], lr: float) -> None:
-        """Update the master weights from a step's projected gradients and write them.
+        """Update θ from a step's projected gradients and write the weights.
 
-        The restore is fused into the update: the weights are written once, from the new
-        master. Used by :meth:`step` and by replay, so both run the very same arithmetic.
+        The restore is fused into the update: the weights are written once, from the new θ.
+        Used by :meth:`step` and by replay, so both run the very same arithmetic.
         """
         grads = [float(projected_grads)] if isinstance(projected_grads, (int, float)) else [float(g) for g in projected_grads]
         optimizer = self.settings.optimizer
         self.updates += 1
-        for name, param in self.params.items():
-            master, scale = self.master[name], self.scales[name]
+        for name, store in self.stores.items():
+            scale = self.scales[name]
             if optimizer == "sgd" and len(grads) == 1:
                 # The common case in one pass: no gradient tensor is materialised.
-                master.add_(self._direction(name, seed), alpha=-lr * grads[0] * scale)
+                store.update_along(seed, -lr * grads[0] * scale)
             else:
-                grad = torch.zeros_like(master)
+                draw = self._drawer(name, self.params[name])
+                grad = torch.zeros(self.params[name].shape, dtype=torch.float32, device=self.params[name].device)
                 for index, g in enumerate(grads):
-                    grad.add_(self._direction(name, direction_seed(seed, index)), alpha=g * scale / len(grads))
-                master.add_(self._optimizer_step(name, grad), alpha=-lr)
-            param.copy_(master)
+                    grad.add_(draw(direction_seed(seed, index)), alpha=g * scale / len(grads))
+                store.update_by(self._optimizer_step(name, grad), -lr)
 
     def _optimizer_step(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """The update direction for one tensor (its state lives only for selected tensors)."""

@@ -106,10 +106,13 @@ def _forward(model, batch: dict[str, torch.Tensor]) -> None:
 
 
 def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether a logged run can be continued: same start, parameters and settings but the step count."""
+    """Whether a logged run can be continued: same start, parameters and settings but the step count.
+
+    Settings that change how, not what, is computed (prefix cache, weight store) may differ.
+    """
 
     def settings(header: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in header.get("refine", {}).items() if k not in ("steps", "log_every", "prefix_cache")}
+        return {k: v for k, v in header.get("refine", {}).items() if k not in ("steps", "log_every", "prefix_cache", "store")}
 
     return (
         previous.get("base_checkpoint") == current["base_checkpoint"]
