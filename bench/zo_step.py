@@ -8,7 +8,8 @@ run are not):
   writing weights), measured as the step with a free loss ÷ the real step;
 - ``speedup_vs_mezo``: MeZO-faithful step time ÷ zorefine step time, same selection and batch;
 - ``peak_memory_over_inference``: peak RSS while doing ZO steps ÷ peak RSS while doing
-  forwards, each in a fresh subprocess and sampled only after the model is built. The default
+  forwards, each in a fresh subprocess (glibc's mmap threshold fixed at 64 KiB, so freed
+  blocks leave the RSS) and sampled only after the model is built. The default
   store keeps an fp32 master copy of the selected tensors (exact restores), so a full-model
   selection costs one extra copy of the weights; the compensated store about a quarter of one.
 - ``*_rademacher``: the same step with ±1 directions (cheaper to regenerate on CPU);
@@ -30,6 +31,7 @@ import contextlib
 import gc
 import threading
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -217,10 +219,14 @@ def _peak_rss_child(model_name: str, batch: int, seq: int, mode: str) -> int:
 
 
 def peak_memory_ratios(model_name: str, batch: int, seq: int) -> dict[str, float]:
+    # A fixed mmap threshold makes glibc hand large blocks back to the system when freed,
+    # so RSS follows what is allocated rather than what the allocator chose to keep cached.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
     def child(mode: str) -> int:
         out = subprocess.run(
             [sys.executable, __file__, "--child", mode, "--model", model_name, "--batch", str(batch), "--seq", str(seq)],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True, check=True, env=env,
         )
         return int(out.stdout.strip().splitlines()[-1])
 

@@ -1,11 +1,28 @@
-"""Layer sensitivity: how much safety degrades when only one decoder layer is perturbed."""
+"""Sensitivity: how much safety (and utility) degrades when one unit alone is threatened.
+
+For every unit (layer, module or tensor, :mod:`zorefine.units`) and every threat family
+(:mod:`zorefine.threats`), the analyzer applies the threat to that unit only, over seeds, and
+measures against the clean model:
+
+- the rise of the safety loss (NLL of the reference refusals on harmful prompts),
+- the drop of the refusal rate (greedy generations, judged),
+- the rise of the utility loss (NLL of the reference answers on benign prompts).
+
+Random threats are sampled antithetically: each seed is applied as ``+z`` and ``−z`` and the two
+measures averaged, which cancels the first-order (gradient) term of the loss change exactly. What
+is left is the curvature the noise runs into, so rankings from different seeds agree far better.
+
+The ZO-curvature score is the same mechanism at a small relative radius ε: per unit,
+``(L(θ+εz) + L(θ−εz) − 2L(θ)) / ε²`` (with ``z`` scaled by each tensor's RMS) is a Hutchinson
+estimate of the curvature of the safety loss along that unit's weights.
+"""
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -13,138 +30,278 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from zorefine.generation import generate_responses
 from zorefine.judge import RefusalJudge, Verdict
-from zorefine.models.layers import find_decoder_layers
 from zorefine.objectives import mean_response_nll
-from zorefine.threats import WeightNoise, threatened
+from zorefine.robustness import mean_interval
+from zorefine.threats import Threat, WeightNoise, parse_threat, threatened
+from zorefine.units import Unit
+
+SCORES = ("safety_loss_rise", "refusal_drop", "utility_loss_rise")
+RANK_BY = ("safety_loss_rise", "refusal_drop", "curvature")
 
 
 @dataclass
-class SafetyProbe:
-    """The harmful prompts (with their refusals) that a sensitivity analysis measures on."""
+class Probe:
+    """The prompts an analysis measures on: harmful (with refusals) and benign (with answers)."""
 
-    pairs: list[tuple[str, str]]
+    harmful: list[tuple[str, str]]
+    benign: list[tuple[str, str]]
     max_length: int = 256
     max_new_tokens: int = 12
     batch_size: int = 48
 
-    @property
-    def prompts(self) -> list[str]:
-        return [prompt for prompt, _ in self.pairs]
-
 
 @dataclass
-class SafetyMeasure:
-    """Safety loss (NLL of the refusal) and refusal rate of the model as it is now."""
+class Measure:
+    """Safety loss, utility loss and (optionally) refusal rate of the model as it is now."""
 
     safety_loss: float
-    refusal_rate: float
+    utility_loss: float
+    refusal_rate: float | None = None
+
+
+def measure(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    probe: Probe,
+    judge: RefusalJudge | None,
+) -> Measure:
+    """Losses on the probe, and the refusal rate on its harmful prompts when ``judge`` is given."""
+    safety = mean_response_nll(model, tokenizer, probe.harmful, probe.max_length, probe.batch_size)
+    utility = mean_response_nll(model, tokenizer, probe.benign, probe.max_length, probe.batch_size) if probe.benign else float("nan")
+    refusal = None
+    if judge is not None:
+        prompts = [prompt for prompt, _ in probe.harmful]
+        verdicts = judge(prompts, generate_responses(model, tokenizer, prompts, probe.max_new_tokens, probe.batch_size))
+        refusal = sum(v == Verdict.REFUSAL for v in verdicts) / len(verdicts)
+    return Measure(safety, utility, refusal)
+
+
+def _average(measures: Sequence[Measure]) -> Measure:
+    refusals = [m.refusal_rate for m in measures]
+    return Measure(
+        statistics.fmean(m.safety_loss for m in measures),
+        statistics.fmean(m.utility_loss for m in measures),
+        None if None in refusals else statistics.fmean(refusals),  # type: ignore[arg-type]
+    )
+
+
+@dataclass(frozen=True)
+class ThreatFamily:
+    """A threat spec, instantiated once per seed (random threats) or once (deterministic ones)."""
+
+    spec: str
+
+    @property
+    def prototype(self) -> Threat:
+        return parse_threat(self.spec)
+
+    @property
+    def random(self) -> bool:
+        """Whether the threat draws noise (so seeds and antithetic pairs mean something)."""
+        return hasattr(self.prototype, "seed")
+
+    def samples(self, seed: int, antithetic: bool) -> list[Threat]:
+        """The threats whose measures are averaged into one trial of ``seed``."""
+        prototype = self.prototype
+        if not self.random:
+            return [prototype]
+        threat = replace(prototype, seed=seed)  # type: ignore[type-var]
+        return [threat, replace(threat, negate=True)] if antithetic else [threat]
+
+    @property
+    def label(self) -> str:
+        """Seed-free label for tables and plots, e.g. ``wnoise_rel_s0.5``."""
+        name = self.prototype.name
+        return name.rsplit("_seed", 1)[0] if self.random else name
 
 
 @dataclass
-class LayerSensitivity:
-    """One layer's fragility: mean and spread over noise seeds."""
+class UnitThreatScore:
+    """One unit under one threat family: mean and 95% interval over seeds of each score."""
 
+    unit: str
     layer: int
-    name: str
+    kind: str
     num_parameters: int
-    safety_loss_rise: float
-    safety_loss_rise_std: float
-    refusal_drop: float
-    refusal_drop_std: float
+    threat: str
+    safety_loss_rise: dict[str, float]
+    refusal_drop: dict[str, float] | None
+    utility_loss_rise: dict[str, float]
+    trials: int
+
+    def mean(self, score: str) -> float:
+        """The mean of ``score`` (NaN when it was not measured)."""
+        value = getattr(self, score)
+        return float("nan") if value is None else value["mean"]
 
 
-def measure_safety(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probe: SafetyProbe, judge: RefusalJudge
-) -> SafetyMeasure:
-    """Safety loss and refusal rate on the probe prompts (greedy, short generations)."""
-    loss = mean_response_nll(model, tokenizer, probe.pairs, probe.max_length, probe.batch_size)
-    responses = generate_responses(model, tokenizer, probe.prompts, probe.max_new_tokens, probe.batch_size)
-    verdicts = judge(probe.prompts, responses)
-    return SafetyMeasure(loss, sum(v == Verdict.REFUSAL for v in verdicts) / len(verdicts))
+@dataclass
+class Analysis:
+    """Everything an analysis measured, and what it cost."""
+
+    clean: Measure
+    scores: list[UnitThreatScore]
+    curvature: dict[str, dict[str, float]] = field(default_factory=dict)
+    forward_passes: int = 0
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+class ForwardCounter:
+    """Counts the model's forward calls (generation steps included) while active."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.count = model, 0
+
+    def __enter__(self) -> "ForwardCounter":
+        self._handle = self.model.register_forward_pre_hook(self._hook)
+        return self
+
+    def _hook(self, *args: object) -> None:
+        self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
 
 
-def layer_sensitivity(
+def _trial(
+    model: PreTrainedModel, threats: Sequence[Threat], unit: Unit, run_measure: Callable[[], Measure]
+) -> Measure:
+    measures = []
+    for threat in threats:
+        with threatened(model, threat, params=unit.params):
+            measures.append(run_measure())
+    return _average(measures)
+
+
+def unit_sensitivity(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    probe: SafetyProbe,
-    judge: RefusalJudge,
-    sigma: float,
+    units: Sequence[Unit],
+    families: Sequence[ThreatFamily],
     seeds: Sequence[int],
+    probe: Probe,
+    judge: RefusalJudge | None,
+    antithetic: bool = True,
     show_progress: bool = True,
-) -> tuple[SafetyMeasure, list[LayerSensitivity]]:
-    """Perturb each decoder layer alone with relative Gaussian weight noise, over seeds.
+) -> Analysis:
+    """Apply each threat family to each unit alone, over ``seeds``; weights restored exactly after each.
 
-    Returns the clean measure and, per layer, the rise of the safety loss and the drop of
-    the refusal rate against it. Weights are restored exactly after every trial.
+    ``judge=None`` skips generation (losses only, several times cheaper).
     """
-    layers = find_decoder_layers(model)
-    clean = measure_safety(model, tokenizer, probe, judge)
-    results = []
-    trials = tqdm(total=len(layers) * len(seeds), desc="analyze", disable=not show_progress)
-    for index in range(len(layers)):
-        params = layers.parameters(index)
-        loss_rises, refusal_drops = [], []
-        for seed in seeds:
-            with threatened(model, WeightNoise(sigma=sigma, mode="relative", seed=seed), params=params):
-                noisy = measure_safety(model, tokenizer, probe, judge)
-            loss_rises.append(noisy.safety_loss - clean.safety_loss)
-            refusal_drops.append(clean.refusal_rate - noisy.refusal_rate)
-            trials.update()
-        loss_mean, loss_std = _mean_std(loss_rises)
-        drop_mean, drop_std = _mean_std(refusal_drops)
-        results.append(
-            LayerSensitivity(
-                layer=index,
-                name=layers.name(index),
-                num_parameters=sum(p.numel() for p in params.values()),
-                safety_loss_rise=loss_mean,
-                safety_loss_rise_std=loss_std,
-                refusal_drop=drop_mean,
-                refusal_drop_std=drop_std,
-            )
-        )
-    trials.close()
-    return clean, results
+    with ForwardCounter(model) as counter:
+        clean = measure(model, tokenizer, probe, judge)
+        total = sum(len(units) * (len(seeds) if f.random else 1) for f in families)
+        progress = tqdm(total=total, desc="analyze", disable=not show_progress)
+        scores = []
+        for family in families:
+            family_seeds = seeds if family.random else [None]
+            for unit in units:
+                rises, drops, utility = [], [], []
+                for seed in family_seeds:
+                    threats = family.samples(seed if seed is not None else 0, antithetic)
+                    noisy = _trial(model, threats, unit, lambda: measure(model, tokenizer, probe, judge))
+                    rises.append(noisy.safety_loss - clean.safety_loss)
+                    utility.append(noisy.utility_loss - clean.utility_loss)
+                    if noisy.refusal_rate is not None and clean.refusal_rate is not None:
+                        drops.append(clean.refusal_rate - noisy.refusal_rate)
+                    progress.update()
+                scores.append(
+                    UnitThreatScore(
+                        unit=unit.name,
+                        layer=unit.layer,
+                        kind=unit.kind,
+                        num_parameters=unit.num_parameters,
+                        threat=family.label,
+                        safety_loss_rise=mean_interval(rises),
+                        refusal_drop=mean_interval(drops) if drops else None,
+                        utility_loss_rise=mean_interval(utility),
+                        trials=len(family_seeds),
+                    )
+                )
+        progress.close()
+    return Analysis(clean, scores, forward_passes=counter.count)
 
 
-def rank_layers(results: Sequence[LayerSensitivity], rank_by: str) -> list[int]:
-    """Layer indices, most fragile first (ties broken by the other score, then by index)."""
-    if rank_by == "safety_loss":
-        key = lambda r: (-r.safety_loss_rise, -r.refusal_drop, r.layer)  # noqa: E731
-    elif rank_by == "refusal_drop":
-        key = lambda r: (-r.refusal_drop, -r.safety_loss_rise, r.layer)  # noqa: E731
-    else:
-        raise ValueError(f"unknown rank_by {rank_by!r}")
-    return [r.layer for r in sorted(results, key=key)]
+def zo_curvature(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    units: Sequence[Unit],
+    seeds: Sequence[int],
+    probe: Probe,
+    eps: float,
+    show_progress: bool = True,
+) -> tuple[dict[str, dict[str, float]], int]:
+    """Per unit, ``(L(θ+εz) + L(θ−εz) − 2L(θ)) / ε²`` on the safety loss, over ``seeds``.
+
+    ``z`` is relative to each tensor's RMS (the refiner's ``eps_mode=relative``), drawn by the
+    same seeded mechanism as weight noise. Costs 2 loss evaluations per unit and seed plus one
+    clean one. Returns the mean and interval per unit, and the forward passes spent.
+    """
+    losses_only = replace(probe, benign=[])
+    with ForwardCounter(model) as counter:
+        clean = measure(model, tokenizer, losses_only, None).safety_loss
+        curvature = {}
+        for unit in tqdm(units, desc="curvature", disable=not show_progress):
+            values = []
+            for seed in seeds:
+                noise = WeightNoise(sigma=eps, mode="relative", seed=seed)
+                pair = [noise, replace(noise, negate=True)]
+                averaged = _trial(model, pair, unit, lambda: measure(model, tokenizer, losses_only, None))
+                values.append(2.0 * (averaged.safety_loss - clean) / eps**2)
+            curvature[unit.name] = mean_interval(values)
+    return curvature, counter.count
 
 
-def as_dicts(results: Sequence[LayerSensitivity]) -> list[dict]:
-    """JSON-ready rows, with NaN turned into None."""
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()} for r in results]
+def unit_scores(analysis: Analysis, rank_by: str) -> dict[str, float]:
+    """One fragility score per unit: ``rank_by`` averaged over threat families.
+
+    Each family's scores are divided by that family's largest absolute score first, so a threat
+    whose losses run larger does not drown the others.
+    """
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
+    if rank_by == "curvature":
+        if not analysis.curvature:
+            raise ValueError("rank_by=curvature needs the curvature analysis (analyze.curvature=true)")
+        return {unit: value["mean"] for unit, value in analysis.curvature.items()}
+    by_family: dict[str, dict[str, float]] = {}
+    for score in analysis.scores:
+        by_family.setdefault(score.threat, {})[score.unit] = score.mean(rank_by)
+    combined: dict[str, list[float]] = {}
+    for values in by_family.values():
+        finite = [abs(v) for v in values.values() if math.isfinite(v)]
+        scale = max(finite) if finite and max(finite) > 0 else 1.0
+        for unit, value in values.items():
+            combined.setdefault(unit, []).append(value / scale if math.isfinite(value) else 0.0)
+    return {unit: statistics.fmean(values) for unit, values in combined.items()}
 
 
-def plot_sensitivity(results: Sequence[LayerSensitivity], selected: Sequence[int], path, sigma: float) -> None:
-    """Bar plot of the safety-loss rise and refusal drop per layer; selected layers highlighted."""
-    import matplotlib
+def rank_units(scores: dict[str, float], order: Sequence[str]) -> list[str]:
+    """Unit names, most fragile first; ties keep ``order`` (the model's layer order)."""
+    position = {name: i for i, name in enumerate(order)}
+    return sorted(scores, key=lambda unit: (-scores[unit], position.get(unit, len(position))))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    layers = [r.layer for r in results]
-    colors = ["tab:red" if layer in selected else "tab:gray" for layer in layers]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].bar(layers, [r.safety_loss_rise for r in results], yerr=[r.safety_loss_rise_std for r in results], color=colors)
-    axes[0].set_title("safety-loss rise (harmful prompts)")
-    axes[1].bar(layers, [r.refusal_drop for r in results], yerr=[r.refusal_drop_std for r in results], color=colors)
-    axes[1].set_title("refusal-rate drop")
-    for axis in axes:
-        axis.set_xlabel("decoder layer")
-        axis.set_xticks(layers)
-    fig.suptitle(f"Layer fragility under relative weight noise (σ={sigma}); red = selected for refinement")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def spearman(first: dict[str, float], second: dict[str, float]) -> float:
+    """Spearman rank correlation between two scorings of the same units (average ranks for ties)."""
+    units = sorted(set(first) & set(second))
+    if len(units) < 2:
+        return float("nan")
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return result
+
+    a, b = ranks([first[u] for u in units]), ranks([second[u] for u in units])
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b))
+    norm = math.sqrt(sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b))
+    return cov / norm if norm > 0 else float("nan")

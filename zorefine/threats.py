@@ -14,8 +14,9 @@ tensors of the same shape never share a direction.
 
 Spec language (:func:`parse_threat`), used in configs::
 
-    wnoise:SIGMA[:MODE][:seed=N]        weight noise; MODE absolute|relative|multiplicative
-    anoise:SIGMA[:MODE][:seed=N]        activation noise on each decoder layer's output
+    wnoise:SIGMA[:MODE][:seed=N][:negate=1]   weight noise; MODE absolute|relative|multiplicative
+    anoise:SIGMA[:MODE][:seed=N][:negate=1]   activation noise on each decoder layer's output
+                                        (negate=1: the antithetic twin, the same draw times -1)
     rtn:int8|int4[:gN]                  round-to-nearest, per output channel or groups of N
     bnb:int8|nf4|fp4[:bN][:dq]          bitsandbytes LLM.int8 / NF4 / FP4 (blocksize N, double quant)
 """
@@ -167,12 +168,14 @@ class WeightNoise:
     ``mode``: ``"absolute"`` adds ``sigma·z``; ``"relative"`` adds ``sigma·rms(w)·z`` (the same
     *relative* damage to every tensor whatever its scale); ``"multiplicative"`` sets
     ``w·(1 + sigma·z)`` (zero weights stay zero). ``z = gaussian_direction(w,
-    tensor_seed(seed, name))``.
+    tensor_seed(seed, name))``. ``negate`` uses ``-z``: the antithetic twin of the same draw,
+    which cancels the first-order term when both are averaged.
     """
 
     sigma: float
     mode: str = "relative"
     seed: int = 0
+    negate: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sigma", _check_sigma("wnoise", self.sigma))
@@ -182,12 +185,12 @@ class WeightNoise:
     @property
     def name(self) -> str:
         """Report label, e.g. ``"wnoise_rel_s0.05_seed1"``."""
-        return f"wnoise_{_MODES[self.mode]}_s{_float_label(self.sigma)}_seed{self.seed}"
+        return f"wnoise_{_MODES[self.mode]}_s{_float_label(self.sigma)}_seed{self.seed}{'_neg' if self.negate else ''}"
 
     @property
     def spec(self) -> str:
         """Canonical spec string: ``parse_threat(t.spec) == t``."""
-        return f"wnoise:{_float_label(self.sigma)}:{self.mode}:seed={self.seed}"
+        return f"wnoise:{_float_label(self.sigma)}:{self.mode}:seed={self.seed}{':negate=1' if self.negate else ''}"
 
     def touched(self, params: Mapping[str, nn.Parameter]) -> list[str]:
         """Names of the parameters :meth:`apply` modifies (all floating tensors, none if sigma is 0)."""
@@ -203,6 +206,8 @@ class WeightNoise:
             # Drawn and combined in float32, then cast once: a bf16 weight gets the same
             # perturbation as its fp32 master copy, up to the final rounding.
             z = gaussian_direction(param, tensor_seed(self.seed, name))
+            if self.negate:
+                z.neg_()
             weight = param.detach().float()
             if self.mode == "absolute":
                 noisy = weight + self.sigma * z
@@ -421,6 +426,8 @@ class ActivationNoise:
     mode: str = "relative"
     seed: int = 0
     target: str = "residual"
+    # The antithetic twin: the same draws with the opposite sign.
+    negate: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sigma", _check_sigma("anoise", self.sigma))
@@ -432,12 +439,12 @@ class ActivationNoise:
     @property
     def name(self) -> str:
         """Report label, e.g. ``"anoise_rel_s0.1_seed0"``."""
-        return f"anoise_{_MODES[self.mode]}_s{_float_label(self.sigma)}_seed{self.seed}"
+        return f"anoise_{_MODES[self.mode]}_s{_float_label(self.sigma)}_seed{self.seed}{'_neg' if self.negate else ''}"
 
     @property
     def spec(self) -> str:
         """Canonical spec string: ``parse_threat(t.spec) == t``."""
-        return f"anoise:{_float_label(self.sigma)}:{self.mode}:seed={self.seed}"
+        return f"anoise:{_float_label(self.sigma)}:{self.mode}:seed={self.seed}{':negate=1' if self.negate else ''}"
 
     def touched(self, params: Mapping[str, nn.Parameter]) -> list[str]:
         """No weights are modified: the noise lives in hooks."""
@@ -445,6 +452,8 @@ class ActivationNoise:
 
     def _noise(self, hidden: torch.Tensor, seed: int) -> torch.Tensor:
         z = gaussian_direction(hidden, seed)
+        if self.negate:
+            z.neg_()
         # The perturbation is a constant of the forward: no gradient flows through its scale.
         h = hidden.detach().float()
         if self.mode == "absolute":
@@ -553,7 +562,7 @@ def threatened(
 # --------------------------------------------------------------------------- spec language
 
 _SPEC_HELP = (
-    "valid threat specs: 'wnoise:SIGMA[:absolute|relative|multiplicative][:seed=N]' (e.g. wnoise:0.05, "
+    "valid threat specs: 'wnoise:SIGMA[:absolute|relative|multiplicative][:seed=N][:negate=1]' (e.g. wnoise:0.05, "
     "wnoise:0.05:relative:seed=2), 'anoise:SIGMA[:MODE][:seed=N]' (e.g. anoise:0.1), "
     "'rtn:int8|int4[:gN]' (e.g. rtn:int8, rtn:int4:g128), "
     "'bnb:int8|nf4|fp4[:bN][:dq]' (e.g. bnb:nf4, bnb:fp4:b128)"
@@ -597,7 +606,7 @@ def _parse_int(spec: str, text: str, what: str) -> int:
 
 
 def _parse_noise(spec: str, kind: str, positional: list[str], options: dict[str, str]) -> Threat:
-    unknown = set(options) - {"seed", "mode", "sigma"} - ({"target"} if kind == "anoise" else set())
+    unknown = set(options) - {"seed", "mode", "sigma", "negate"} - ({"target"} if kind == "anoise" else set())
     if unknown:
         raise _spec_error(spec, f"unknown option(s) {', '.join(sorted(unknown))}")
     if len(positional) > 2:
@@ -611,10 +620,14 @@ def _parse_noise(spec: str, kind: str, positional: list[str], options: dict[str,
     mode = options.get("mode", rest[0] if rest else "relative")
     seed = _parse_int(spec, options["seed"], "seed") if "seed" in options else 0
     sigma = _parse_number(spec, sigma_text, "sigma")
+    negate_text = options.get("negate", "0").lower()
+    if negate_text not in ("0", "1", "true", "false"):
+        raise _spec_error(spec, f"negate must be 0 or 1, got {negate_text!r}")
+    negate = negate_text in ("1", "true")
     try:
         if kind == "wnoise":
-            return WeightNoise(sigma=sigma, mode=mode, seed=seed)
-        return ActivationNoise(sigma=sigma, mode=mode, seed=seed, target=options.get("target", "residual"))
+            return WeightNoise(sigma=sigma, mode=mode, seed=seed, negate=negate)
+        return ActivationNoise(sigma=sigma, mode=mode, seed=seed, target=options.get("target", "residual"), negate=negate)
     except ConfigError as exc:
         raise _spec_error(spec, str(exc)) from None
 

@@ -31,6 +31,9 @@ STORES = ("copy", "compensated")
 # Entries with larger relative moves (θ ≈ 0) are saved exactly instead.
 _RELATIVE_MOVE_LIMIT = 16.0
 _LOW_BYTE = 0 if sys.byteorder == "little" else 3
+# Bookkeeping runs over slices of this many entries, so its temporaries stay a few MB even for
+# an embedding matrix (the point of this store is memory).
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -103,9 +106,13 @@ class CompensatedShift:
         if self._low is None:
             self._low = self._low_bytes().clone()
         if self._exact_for != (seed, abs(alpha)):
-            moved = z.view(-1).abs().mul_(abs(alpha))
-            large = self._flat.abs().mul_(_RELATIVE_MOVE_LIMIT).lt_(moved)
-            self._exact_index = large.nonzero().squeeze(1)
+            z_flat, found = z.view(-1), []
+            for start in range(0, self._flat.numel(), _CHUNK):
+                end = start + _CHUNK
+                moved = z_flat[start:end].abs().mul_(abs(alpha))
+                large = self._flat[start:end].abs().mul_(_RELATIVE_MOVE_LIMIT).lt_(moved)
+                found.append(large.nonzero().squeeze(1).add_(start))
+            self._exact_index = torch.cat(found)
             self._exact_value = self._flat[self._exact_index].clone()
             self._exact_for = (seed, abs(alpha))
 
@@ -113,9 +120,12 @@ class CompensatedShift:
         """Take the current offset off the weight, landing on θ exactly."""
         assert self._offset is not None and self._low is not None
         self._flat.add_(z.view(-1), alpha=-self._offset.alpha)
-        # Wrapping uint8 difference, read as signed: how many bit-pattern steps to θ.
-        correction = (self._low - self._low_bytes()).view(torch.int8)
-        self._bits.add_(correction.to(torch.int32))
+        low_now = self._low_bytes()
+        for start in range(0, self._flat.numel(), _CHUNK):
+            end = start + _CHUNK
+            # Wrapping uint8 difference, read as signed: how many bit-pattern steps to θ.
+            correction = (self._low[start:end] - low_now[start:end]).view(torch.int8)
+            self._bits[start:end].add_(correction.to(torch.int32))
         self._flat[self._exact_index] = self._exact_value
         self._offset = None
 
