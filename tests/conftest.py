@@ -72,6 +72,7 @@ def make_cfg(model_path: Path | None, **overrides):
         "align.batch_size": 8,
         "analyze.seeds": 2,
         "analyze.num_prompts": 4,
+        "analyze.num_benign": 4,
         "analyze.max_new_tokens": 4,
         "analyze.top_k": 1,
         "refine.steps": 3,

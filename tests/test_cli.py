@@ -21,6 +21,7 @@ SMALL = [
     "align.batch_size=8",
     "analyze.seeds=1",
     "analyze.num_prompts=4",
+    "analyze.num_benign=4",
     "analyze.max_new_tokens=4",
     "analyze.top_k=1",
     "refine.steps=2",

@@ -60,7 +60,11 @@ def test_unknown_stage_fails_at_composition():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("analyze.top_k=0", "analyze.top_k"),
+        ("analyze.top_k=0", "top_k"),
+        ("analyze.policy=budget analyze.budget=1.5", "budget"),
+        ("analyze.threats=[wnoise:big]", "wnoise:big"),
+        ("analyze.granularity=neuron", "analyze.granularity"),
+        ("analyze.rank_by=curvature analyze.curvature=false", "curvature"),
         ("refine.eps=0", "refine.eps"),
         ("model.dtype=int3", "model.dtype"),
         ("evaluate.sigmas=[0.1,-0.2]", "evaluate.sigmas"),
@@ -69,7 +73,7 @@ def test_unknown_stage_fails_at_composition():
     ],
 )
 def test_validate_rejects_bad_values(override, message):
-    cfg = _compose([override])
+    cfg = _compose(override.split())
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
 

@@ -40,13 +40,53 @@ def test_analyze_ranks_every_layer_and_selects_top_k(micro_checkpoint, tmp_path)
     run = Run(make_cfg(micro_checkpoint, **{"analyze.top_k": 2}), tmp_path)
     summary = analyze.run(run)
     report = json.loads((tmp_path / "sensitivity.json").read_text())
-    assert len(report["layers"]) == 3
-    assert sorted(report["ranking"]) == [0, 1, 2]
-    assert len(summary["selected_layers"]) == 2
-    assert set(summary["selected_layers"]) == set(report["ranking"][:2])
-    assert all(row["safety_loss_rise"] is not None for row in report["layers"])
+    layer_names = [row["unit"] for row in report["scores"]]
+    assert len(layer_names) == 3 and sorted(report["ranking"]) == sorted(layer_names)
+    assert summary["selected"] == report["ranking"][:2]
+    for row in report["scores"]:
+        for score in ("safety_loss_rise", "refusal_drop", "utility_loss_rise"):
+            assert row[score]["n"] == 2 and row[score]["low"] <= row[score]["mean"] <= row[score]["high"]
+    assert set(report["curvature"]["units"]) == set(layer_names)
+    assert report["cost"]["forward_passes"] > 0
     assert (tmp_path / "sensitivity.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "selection.json").read_text())["layers"] == summary["selected_layers"]
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert selection["units"] == summary["selected"] and selection["layers"] == summary["selected_layers"]
+    assert all(any(name.startswith(unit + ".") for unit in selection["units"]) for name in selection["parameters"])
+
+
+def test_analyze_by_module_under_several_threats_with_a_parameter_budget(micro_checkpoint, tmp_path):
+    overrides = {
+        "analyze.granularity": "module",
+        "analyze.threats": "[wnoise:0.5,anoise:0.3,rtn:int4]",
+        "analyze.measure_refusal": False,
+        "analyze.curvature": False,
+        "analyze.policy": "budget",
+        "analyze.budget": 0.2,
+    }
+    summary = analyze.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path))
+    report = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert {row["threat"] for row in report["scores"]} == {"wnoise_rel_s0.5", "anoise_rel_s0.3", "rtn_int4"}
+    kinds = {row["kind"] for row in report["scores"]}
+    assert {"attention", "mlp"} <= kinds
+    deterministic = [row for row in report["scores"] if row["threat"].startswith("rtn")]
+    assert all(row["trials"] == 1 and row["refusal_drop"] is None for row in deterministic)
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    sizes = {row["unit"]: row["num_parameters"] for row in report["scores"]}
+    assert sum(sizes[u] for u in selection["units"]) <= 0.2 * sum(sizes.values()) or len(selection["units"]) == 1
+    assert summary["selected"] == selection["units"]
+
+
+def test_refine_reuses_a_saved_selection_from_another_run(micro_checkpoint, tmp_path):
+    first = tmp_path / "first"
+    analyze.run(Run(make_cfg(micro_checkpoint, **{"analyze.granularity": "tensor", "analyze.measure_refusal": False}), first))
+    saved = json.loads((first / "selection.json").read_text())
+    assert len(saved["parameters"]) == 1  # top_k=1 tensor
+    second = tmp_path / "second"
+    cfg = make_cfg(micro_checkpoint, **{"refine.selection_file": str(first / "selection.json"), "refine.lr": 1e-2})
+    refine.run(Run(cfg, second))
+    base, refined = _weights(micro_checkpoint), _weights(second / "checkpoints" / "refined")
+    changed = {k for k in base if not torch.equal(base[k], refined[k])}
+    assert changed == set(saved["parameters"])
 
 
 def test_refine_touches_only_selected_layers_and_replays_exactly(micro_checkpoint, tmp_path):

@@ -15,6 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from zorefine.errors import ConfigError
+from zorefine.selection import SelectionPolicy
+from zorefine.threats import parse_threat
 
 
 class Stage(str, Enum):
@@ -92,15 +94,31 @@ class AlignConfig:
 
 @dataclass
 class AnalyzeConfig:
-    """Layer fragility ranking under relative Gaussian weight noise."""
+    """Unit fragility under threats, and the selection of units the refiner works on."""
 
-    sigma: float = 0.5
+    # "layer" (decoder layers), "module" (attention / MLP / norms of each layer) or "tensor".
+    granularity: str = "layer"
+    # Threat specs applied to one unit at a time (see zorefine.threats); random ones per seed.
+    threats: List[str] = field(default_factory=lambda: ["wnoise:0.5"])
     seeds: int = 3
+    # Average each noise sample with its mirror image (-z): cancels the first-order term.
+    antithetic: bool = True
     num_prompts: int = 48
+    num_benign: int = 48
+    # Generate and judge refusals under every trial (the refusal-drop score); false: losses only.
+    measure_refusal: bool = True
     max_new_tokens: int = 12
+    # ZO-curvature score (L(θ+εz)+L(θ−εz)−2L(θ))/ε² per unit at relative radius curvature_eps.
+    curvature: bool = True
+    curvature_eps: float = 0.05
+    # "safety_loss_rise", "refusal_drop" or "curvature".
+    rank_by: str = "safety_loss_rise"
+    # Selection policy: "top_k", "budget" (fraction of decoder parameters), "threshold" or "names".
+    policy: str = "top_k"
     top_k: int = 2
-    # Rank by the rise of the safety loss ("safety_loss") or the drop of refusal ("refusal_drop").
-    rank_by: str = "safety_loss"
+    budget: float = 0.25
+    threshold: float = 0.0
+    names: List[str] = field(default_factory=list)
     batch_size: int = 48
 
 
@@ -134,8 +152,10 @@ class RefineConfig:
     # How exact restores are kept: "copy" (fp32 master copy of the selected weights, fastest)
     # or "compensated" (fp32 weights restored from ~1 byte each; same trajectory, less memory).
     store: str = "copy"
-    # Explicit layer indices; null = the top-k layers chosen by analyze.
+    # Explicit layer indices; null = the selection chosen by analyze (or selection_file).
     layers: Optional[List[int]] = None
+    # A selection.json to reuse (e.g. from an earlier run); null = this run's analyze output.
+    selection_file: Optional[str] = None
     log_every: int = 5
 
 
@@ -197,14 +217,22 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.data.max_length >= 16, "data.max_length must be >= 16")
     _require(cfg.align.epochs > 0 and cfg.align.lr > 0, "align.epochs and align.lr must be > 0")
     _require(cfg.align.batch_size >= 1, "align.batch_size must be >= 1")
-    _require(cfg.analyze.sigma > 0, "analyze.sigma must be > 0")
-    _require(cfg.analyze.seeds >= 1, "analyze.seeds must be >= 1")
-    _require(cfg.analyze.top_k >= 1, "analyze.top_k must be >= 1")
-    _require(cfg.analyze.num_prompts >= 1, "analyze.num_prompts must be >= 1")
+    analyze = cfg.analyze
+    _require(analyze.granularity in ("layer", "module", "tensor"), "analyze.granularity must be layer, module or tensor")
+    _require(len(analyze.threats) > 0, "analyze.threats: give at least one threat spec, e.g. [wnoise:0.5]")
+    for spec in analyze.threats:
+        parse_threat(spec)  # a bad spec fails here, before any model is loaded
+    _require(analyze.seeds >= 1, "analyze.seeds must be >= 1")
+    _require(analyze.num_prompts >= 1, "analyze.num_prompts must be >= 1")
+    _require(analyze.num_benign >= 0, "analyze.num_benign must be >= 0")
+    _require(analyze.curvature_eps > 0, "analyze.curvature_eps must be > 0")
     _require(
-        cfg.analyze.rank_by in ("safety_loss", "refusal_drop"),
-        f"analyze.rank_by must be 'safety_loss' or 'refusal_drop', got {cfg.analyze.rank_by!r}",
+        analyze.rank_by in ("safety_loss_rise", "refusal_drop", "curvature"),
+        f"analyze.rank_by must be safety_loss_rise, refusal_drop or curvature; got {analyze.rank_by!r}",
     )
+    _require(analyze.rank_by != "curvature" or analyze.curvature, "analyze.rank_by=curvature needs analyze.curvature=true")
+    _require(analyze.rank_by != "refusal_drop" or analyze.measure_refusal, "analyze.rank_by=refusal_drop needs analyze.measure_refusal=true")
+    SelectionPolicy(analyze.policy, analyze.top_k, analyze.budget, analyze.threshold, list(analyze.names))
     _require(cfg.refine.steps >= 0, "refine.steps must be >= 0")
     _require(cfg.refine.eps > 0, "refine.eps must be > 0")
     _require(cfg.refine.lr >= 0, "refine.lr must be >= 0")
@@ -228,8 +256,9 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.evaluate.seeds >= 1, "evaluate.seeds must be >= 1")
     _require(all(s > 0 for s in cfg.evaluate.sigmas), "evaluate.sigmas must all be > 0")
     _require(0 < cfg.evaluate.break_fraction < 1, "evaluate.break_fraction must be in (0, 1)")
-    if Stage.refine in cfg.stages and cfg.refine.layers is None:
+    if Stage.refine in cfg.stages and cfg.refine.layers is None and cfg.refine.selection_file is None:
         _require(
             Stage.analyze in cfg.stages,
-            "refine needs a layer selection: add 'analyze' to stages or set refine.layers=[...]",
+            "refine needs a layer selection: add 'analyze' to stages, set refine.layers=[...] "
+            "or refine.selection_file=PATH",
         )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,8 +22,10 @@ from zorefine.objectives import encode_batch, response_nll
 from zorefine.pipeline import REFINED_DIR, Run
 from zorefine.prefix_cache import PrefixCache
 from zorefine.replay import apply_records, settings_from_config
+from zorefine.selection import Selection, SelectionPolicy
 from zorefine.stages.analyze import SELECTION_FILE
 from zorefine.threats import parse_threat, threatened
+from zorefine.units import discover_units
 from zorefine.trajectory import TrajectoryWriter, environment, read_trajectory
 from zorefine.zo import ZOEngine, scheduled, step_seed
 
@@ -32,26 +34,20 @@ log = logging.getLogger(__name__)
 TRAJECTORY_FILE = "trajectory.jsonl"
 
 
-def selected_layers(run: Run) -> list[int]:
-    """``refine.layers`` when given, else the analyze stage's choice."""
-    if run.cfg.refine.layers is not None:
-        return list(run.cfg.refine.layers)
-    selection = run.run_dir / SELECTION_FILE
-    if not selection.is_file():
-        raise ConfigError(f"no layer selection: {selection} is missing; run analyze or set refine.layers")
-    return list(json.loads(selection.read_text())["layers"])
-
-
-def selected_parameters(model: torch.nn.Module, layers: list[int]) -> dict[str, torch.nn.Parameter]:
-    """All parameters of the chosen decoder layers, by full name."""
-    decoder = find_decoder_layers(model)
-    bad = [i for i in layers if not 0 <= i < len(decoder)]
-    if bad:
-        raise ConfigError(f"refine.layers {bad} out of range: the model has {len(decoder)} decoder layers")
-    params: dict[str, torch.nn.Parameter] = {}
-    for index in layers:
-        params.update(decoder.parameters(index))
-    return params
+def selection_for(run: Run, model: torch.nn.Module) -> Selection:
+    """What to refine: ``refine.layers`` when given, else ``refine.selection_file``, else analyze's choice."""
+    cfg = run.cfg.refine
+    if cfg.layers is not None:
+        decoder = find_decoder_layers(model)
+        bad = [i for i in cfg.layers if not 0 <= i < len(decoder)]
+        if bad:
+            raise ConfigError(f"refine.layers {bad} out of range: the model has {len(decoder)} decoder layers")
+        units = [unit for unit in discover_units(model, "layer") if unit.layer in set(cfg.layers)]
+        return Selection.of(units, "layer", SelectionPolicy("names", names=[u.name for u in units]), None)
+    path = Path(cfg.selection_file) if cfg.selection_file else run.run_dir / SELECTION_FILE
+    if not path.is_file():
+        raise ConfigError(f"no selection: {path} is missing; run analyze, or set refine.layers or refine.selection_file")
+    return Selection.load(path)
 
 
 def batch_sampler(run: Run) -> Callable[[int], list[tuple[str, str]]]:
@@ -140,8 +136,8 @@ def run(run: Run) -> dict[str, Any]:
     started = time.perf_counter()
     checkpoint = run.aligned_checkpoint
     model, tokenizer = run.load_model(checkpoint)
-    layers = selected_layers(run)
-    params = selected_parameters(model, layers)
+    selection = selection_for(run, model)
+    layers, params = selection.layers, selection.resolve(model)
     refine_cfg = OmegaConf.to_container(cfg, resolve=True)
     engine = ZOEngine(params, settings=settings_from_config(refine_cfg))
     # Layers below the first selected one are never perturbed: their output can be cached.
@@ -149,6 +145,7 @@ def run(run: Run) -> dict[str, Any]:
     header = {
         "base_checkpoint": str(checkpoint),
         "layers": layers,
+        "units": selection.units,
         "parameters": list(params),
         "refine": refine_cfg,
         "environment": environment(),
