@@ -109,3 +109,20 @@ def test_spearman_and_ranking():
     assert spearman(a, {"x": 1.0, "y": 1.0, "z": 3.0, "w": 4.0}) == pytest.approx(0.9486833, rel=1e-6)
     assert math.isnan(spearman({"x": 1.0}, {"x": 2.0}))
     assert rank_units({"a": 1.0, "b": 2.0, "c": 2.0}, ["c", "b", "a"]) == ["c", "b", "a"]
+
+
+def test_curvature_tracker_measures_every_unit_then_samples_by_curvature():
+    from zorefine.curvature import CurvatureTracker, curvature_estimate
+
+    assert curvature_estimate(1.5, 1.3, 1.0, 0.1) == pytest.approx(80.0)
+    tracker = CurvatureTracker(["a", "b", "c"], prior={"b": 5.0})
+    assert tracker.choose(0) == "a"  # no estimate yet
+    tracker.observe("a", 1.0, 1.0, 1.0, 0.1)  # flat: curvature 0
+    assert tracker.choose(0) == "c"
+    tracker.observe("c", 2.0, 2.0, 1.0, 1.0)  # curvature 2
+    assert tracker.ranking() == ["b", "c", "a"]
+    picks = [tracker.choose(seed) for seed in range(2000)]
+    # weights b:5, c:2, a: the floor 0.5 -> shares 5/7.5, 2/7.5, 0.5/7.5
+    assert picks.count("b") / 2000 == pytest.approx(5 / 7.5, abs=0.04)
+    assert picks.count("a") / 2000 == pytest.approx(0.5 / 7.5, abs=0.03)
+    assert tracker.as_dict()["c"] == {"curvature": 2.0, "observations": 1}

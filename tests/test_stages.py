@@ -184,3 +184,36 @@ def test_prefix_cache_gives_the_same_trajectory(micro_checkpoint, tmp_path):
         logs[cached] = read_trajectory(tmp_path / str(cached) / "trajectory.jsonl")[1]
     assert [r.projected_grads for r in logs[True]] == [r.projected_grads for r in logs[False]]
     assert [r.loss_plus for r in logs[True]] == [r.loss_plus for r in logs[False]]
+
+
+def test_curvature_schedule_refines_one_unit_per_step_and_replays_and_resumes(micro_checkpoint, tmp_path, monkeypatch):
+    overrides = {"refine.layers": "[0,1,2]", "refine.lr": 1e-2, "refine.steps": 6, "refine.unit_schedule": "curvature"}
+    summary = refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "whole"))
+    header, steps = read_trajectory(tmp_path / "whole" / "trajectory.jsonl")
+    assert all(s.unit in header["unit_parameters"] and s.loss_clean is not None for s in steps)
+    # Every unit is measured once before sampling by curvature starts.
+    assert [s.unit for s in steps[:3]] == list(header["unit_parameters"])
+    assert set(summary["reranked"]) == set(header["unit_parameters"])
+    assert all(v["observations"] >= 1 for v in summary["curvature"].values())
+    assert summary["forward_passes"] == 3 * 6
+    refined = _weights(tmp_path / "whole" / "checkpoints" / "refined")
+    replayed = _weights(replay(micro_checkpoint, tmp_path / "whole" / "trajectory.jsonl", tmp_path / "replayed"))
+    assert all(torch.equal(replayed[k], refined[k]) for k in refined)
+
+    calls = {"n": 0}
+    original = refine.response_nll
+
+    def dies_in_step_five(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 13:  # 3 evaluations per step: the first of step index 4
+            raise KeyboardInterrupt
+        return original(model, batch)
+
+    monkeypatch.setattr(refine, "response_nll", dies_in_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "killed"))
+    monkeypatch.setattr(refine, "response_nll", original)
+    refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "killed"))
+    assert [s.unit for s in read_trajectory(tmp_path / "killed" / "trajectory.jsonl")[1]] == [s.unit for s in steps]
+    resumed = _weights(tmp_path / "killed" / "checkpoints" / "refined")
+    assert all(torch.equal(resumed[k], refined[k]) for k in refined)

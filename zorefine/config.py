@@ -154,6 +154,10 @@ class RefineConfig:
     store: str = "copy"
     # Explicit layer indices; null = the selection chosen by analyze (or selection_file).
     layers: Optional[List[int]] = None
+    # "joint": every step perturbs the whole selection. "curvature": every step perturbs one
+    # selected unit, chosen ∝ its running ZO curvature, which the step's own L(θ±εz) and one
+    # extra L(θ) evaluation update (the selection is re-ranked as refinement goes).
+    unit_schedule: str = "joint"
     # A selection.json to reuse (e.g. from an earlier run); null = this run's analyze output.
     selection_file: Optional[str] = None
     log_every: int = 5
@@ -239,6 +243,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.refine.batch_size >= 1, "refine.batch_size must be >= 1")
     _require(cfg.refine.eps_mode in ("absolute", "relative"), "refine.eps_mode must be 'absolute' or 'relative'")
     _require(cfg.refine.num_directions >= 1, "refine.num_directions must be >= 1")
+    _require(cfg.refine.unit_schedule in ("joint", "curvature"), "refine.unit_schedule must be 'joint' or 'curvature'")
     _require(cfg.refine.store in ("copy", "compensated"), "refine.store must be 'copy' or 'compensated'")
     _require(cfg.refine.direction in ("gaussian", "rademacher"), "refine.direction must be 'gaussian' or 'rademacher'")
     _require(

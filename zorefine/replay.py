@@ -34,11 +34,22 @@ def select_parameters(model: torch.nn.Module, names: Sequence[str]) -> dict[str,
     return {n: available[n] for n in names}
 
 
-def apply_records(engine: ZOEngine, records: Sequence[ZOStepRecord]) -> int:
-    """Re-run the updates of ``records`` on ``engine``; returns how many changed the weights."""
+def apply_records(
+    engine: ZOEngine, records: Sequence[ZOStepRecord], unit_parameters: Mapping[str, Sequence[str]] | None = None
+) -> int:
+    """Re-run the updates of ``records`` on ``engine``; returns how many changed the weights.
+
+    A record that names a ``unit`` updates only that unit's parameters (``unit_parameters``,
+    from the log header).
+    """
     applied = 0
     for record in iter_steps(list(records)):
-        engine.apply_update(record.seed, record.grads(), record.lr)
+        names = None
+        if record.unit is not None:
+            if not unit_parameters or record.unit not in unit_parameters:
+                raise DataError(f"step {record.step} names unit {record.unit!r}, which the log header does not define")
+            names = unit_parameters[record.unit]
+        engine.apply_update(record.seed, record.grads(), record.lr, names)
         applied += 1
     return applied
 
@@ -52,7 +63,7 @@ def replay(base_dir: str | Path, log_path: str | Path, out_dir: str | Path) -> P
         raise DataError(f"{log_path}: no trajectory header (is this a zorefine trajectory.jsonl?)")
     model, tokenizer = load_causal_lm(base_dir, device="cpu" if not torch.cuda.is_available() else "auto")
     engine = ZOEngine(select_parameters(model, header["parameters"]), settings=settings_from_config(header["refine"]))
-    applied = apply_records(engine, records)
+    applied = apply_records(engine, records, header.get("unit_parameters"))
     info = {"stage": "replay", "base": str(base_dir), "trajectory": str(log_path), "applied_steps": applied}
     return save_checkpoint(model, tokenizer, out_dir, info)
 

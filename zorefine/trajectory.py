@@ -32,7 +32,7 @@ def environment() -> dict[str, str]:
     }
 
 
-_STEP_FIELDS = ("step", "seed", "projected_grad", "lr", "loss_plus", "loss_minus", "skipped", "projected_grads", "eps", "loss_clean")
+_STEP_FIELDS = ("step", "seed", "projected_grad", "lr", "loss_plus", "loss_minus", "skipped", "projected_grads", "eps", "loss_clean", "unit")
 
 REPLAY_NOTE = (
     "Replay re-runs the recorded updates with the same arithmetic: it is bit-exact on the same "

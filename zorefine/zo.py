@@ -102,6 +102,8 @@ class ZOStepRecord:
     projected_grads: list[float] = field(default_factory=list)  # one per direction
     eps: float | None = None
     loss_clean: float | None = None
+    # The one unit this step perturbed and updated (curvature schedule); None = the whole selection.
+    unit: str | None = None
 
     @property
     def loss(self) -> float:
@@ -161,11 +163,20 @@ class ZOEngine:
         """The exact fp32 value of a selected tensor (settles its weight first if needed)."""
         return self.stores[name].theta()
 
+    def _active(self, names: Sequence[str] | None) -> list[str]:
+        """The tensors a step works on: ``names`` (a subset of the selection) or all of them."""
+        if names is None:
+            return list(self.stores)
+        unknown = [name for name in names if name not in self.stores]
+        if unknown:
+            raise KeyError(f"not refined by this engine: {unknown[:3]}")
+        return list(names)
+
     @torch.no_grad()
-    def _write(self, seed: int, eps: float) -> None:
-        """Set every selected weight to ``θ + eps * scale * z`` in place."""
-        for name, store in self.stores.items():
-            store.shift(seed, eps * self.scales[name])
+    def _write(self, seed: int, eps: float, names: Sequence[str] | None = None) -> None:
+        """Set the selected weights (or ``names``) to ``θ + eps * scale * z`` in place."""
+        for name in self._active(names):
+            self.stores[name].shift(seed, eps * self.scales[name])
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -174,17 +185,20 @@ class ZOEngine:
             store.settle()
 
     @torch.no_grad()
-    def estimate(self, seed: int, eps: float, loss_fn: Callable[[], torch.Tensor | float]) -> tuple[list[float], list[float], list[float]]:
+    def estimate(
+        self, seed: int, eps: float, loss_fn: Callable[[], torch.Tensor | float], names: Sequence[str] | None = None
+    ) -> tuple[list[float], list[float], list[float]]:
         """Projected gradients along each direction of a step: ``(L(θ+εz) − L(θ−εz)) / 2ε``.
 
-        Leaves the weights perturbed; callers restore or update afterwards.
+        Only ``names`` (default: every selected tensor) are perturbed. Leaves the weights
+        perturbed; callers restore or update afterwards.
         """
         grads, plus, minus = [], [], []
         for index in range(self.settings.num_directions):
             seed_d = direction_seed(seed, index)
-            self._write(seed_d, eps)
+            self._write(seed_d, eps, names)
             loss_plus = float(loss_fn())
-            self._write(seed_d, -eps)
+            self._write(seed_d, -eps, names)
             loss_minus = float(loss_fn())
             plus.append(loss_plus)
             minus.append(loss_minus)
@@ -192,8 +206,10 @@ class ZOEngine:
         return grads, plus, minus
 
     @torch.no_grad()
-    def apply_update(self, seed: int, projected_grads: float | Sequence[float], lr: float) -> None:
-        """Update θ from a step's projected gradients and write the weights.
+    def apply_update(
+        self, seed: int, projected_grads: float | Sequence[float], lr: float, names: Sequence[str] | None = None
+    ) -> None:
+        """Update θ (of ``names``, default all) from a step's projected gradients and write the weights.
 
         The restore is fused into the update: the weights are written once, from the new θ.
         Used by :meth:`step` and by replay, so both run the very same arithmetic.
@@ -201,8 +217,8 @@ class ZOEngine:
         grads = [float(projected_grads)] if isinstance(projected_grads, (int, float)) else [float(g) for g in projected_grads]
         optimizer = self.settings.optimizer
         self.updates += 1
-        for name, store in self.stores.items():
-            scale = self.scales[name]
+        for name in self._active(names):
+            store, scale = self.stores[name], self.scales[name]
             if optimizer == "sgd" and len(grads) == 1:
                 # The common case in one pass: no gradient tensor is materialised.
                 store.update_along(seed, -lr * grads[0] * scale)
@@ -242,16 +258,24 @@ class ZOEngine:
         lr: float,
         loss_fn: Callable[[], torch.Tensor | float],
         eps: float | None = None,
+        names: Sequence[str] | None = None,
+        evaluate_clean: bool = False,
     ) -> ZOStepRecord:
         """One (n-)SPSA step: 2 forward passes per direction, then update along the directions.
 
-        A non-finite loss skips the update and leaves the weights exactly as they were.
+        ``names`` restricts the step to a subset of the selected tensors. ``evaluate_clean``
+        also evaluates L(θ) first (one more forward), which with the ± evaluations gives the
+        curvature along the direction. A non-finite loss skips the update and leaves the
+        weights exactly as they were.
         """
         eps = self.settings.eps if eps is None else eps
-        grads, plus, minus = self.estimate(seed, eps, loss_fn)
+        clean = float(loss_fn()) if evaluate_clean else None
+        grads, plus, minus = self.estimate(seed, eps, loss_fn, names)
         mean_plus, mean_minus = sum(plus) / len(plus), sum(minus) / len(minus)
-        if not all(math.isfinite(v) for v in plus + minus):
+        if not all(math.isfinite(v) for v in plus + minus + ([clean] if clean is not None else [])):
             self.restore()
-            return ZOStepRecord(step, seed, float("nan"), lr, mean_plus, mean_minus, skipped=True, eps=eps)
-        self.apply_update(seed, grads, lr)
-        return ZOStepRecord(step, seed, sum(grads) / len(grads), lr, mean_plus, mean_minus, projected_grads=grads, eps=eps)
+            return ZOStepRecord(step, seed, float("nan"), lr, mean_plus, mean_minus, skipped=True, eps=eps, loss_clean=clean)
+        self.apply_update(seed, grads, lr, names)
+        return ZOStepRecord(
+            step, seed, sum(grads) / len(grads), lr, mean_plus, mean_minus, projected_grads=grads, eps=eps, loss_clean=clean
+        )

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 SELECTION_FILE = "selection.json"
 
 
-def _probe(run: Run) -> Probe:
+def probe_for(run: Run) -> Probe:
+    """The validation prompts the analysis measures on (harmful with refusals, benign with answers)."""
     cfg = run.cfg.analyze
     # Validation split: the ranking steers training decisions, so it must not see test prompts.
     harmful = run.split("val", "harmful", limit=cfg.num_prompts)
@@ -48,7 +49,7 @@ def run(run: Run) -> dict[str, Any]:
     started = time.perf_counter()
     checkpoint = run.aligned_checkpoint
     model, tokenizer = run.load_model(checkpoint)
-    probe = _probe(run)
+    probe = probe_for(run)
     units = discover_units(model, cfg.granularity)
     seeds = [run.cfg.seed * 1000 + s for s in range(cfg.seeds)]
     judge = build_judge(run.cfg.evaluate.judge) if cfg.measure_refusal else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import random
 import time
@@ -15,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from zorefine.curvature import CurvatureTracker
 from zorefine.errors import ConfigError
 from zorefine.models.layers import find_decoder_layers
 from zorefine.models.loading import save_checkpoint
@@ -30,6 +32,9 @@ from zorefine.trajectory import TrajectoryWriter, environment, read_trajectory
 from zorefine.zo import ZOEngine, scheduled, step_seed
 
 log = logging.getLogger(__name__)
+
+# Keeps the stream that picks units apart from the one that draws directions.
+_UNIT_SEED_OFFSET = 104729
 
 TRAJECTORY_FILE = "trajectory.jsonl"
 
@@ -48,6 +53,20 @@ def selection_for(run: Run, model: torch.nn.Module) -> Selection:
     if not path.is_file():
         raise ConfigError(f"no selection: {path} is missing; run analyze, or set refine.layers or refine.selection_file")
     return Selection.load(path)
+
+
+def analyzer_curvature(run: Run) -> dict[str, float]:
+    """The analyze stage's ZO-curvature per unit, when this run has one (the tracker's prior)."""
+    path = run.run_dir / "sensitivity.json"
+    if not path.is_file():
+        return {}
+    curvature = (json.loads(path.read_text()).get("curvature") or {}).get("units", {})
+    return {unit: value["mean"] for unit, value in curvature.items() if value.get("mean") is not None}
+
+
+def _observe(tracker: CurvatureTracker, record) -> None:
+    if record.unit is not None and not record.skipped and record.loss_clean is not None:
+        tracker.observe(record.unit, record.loss_plus, record.loss_minus, record.loss_clean, record.eps)
 
 
 def batch_sampler(run: Run) -> Callable[[int], list[tuple[str, str]]]:
@@ -125,7 +144,7 @@ def resume_records(engine: ZOEngine, log_path, header: dict[str, Any], max_steps
         return []
     previous_steps = previous_steps[:max_steps]
     if previous_steps:
-        apply_records(engine, previous_steps)
+        apply_records(engine, previous_steps, header.get("unit_parameters"))
         log.info("[refine] resumed: replayed %d logged steps", len(previous_steps))
     return previous_steps
 
@@ -138,6 +157,10 @@ def run(run: Run) -> dict[str, Any]:
     model, tokenizer = run.load_model(checkpoint)
     selection = selection_for(run, model)
     layers, params = selection.layers, selection.resolve(model)
+    unit_parameters = {unit.name: list(unit.params) for unit in selection.unit_objects(model)}
+    tracker = None
+    if cfg.unit_schedule == "curvature":
+        tracker = CurvatureTracker(list(unit_parameters), prior=analyzer_curvature(run))
     refine_cfg = OmegaConf.to_container(cfg, resolve=True)
     engine = ZOEngine(params, settings=settings_from_config(refine_cfg))
     # Layers below the first selected one are never perturbed: their output can be cached.
@@ -147,11 +170,15 @@ def run(run: Run) -> dict[str, Any]:
         "layers": layers,
         "units": selection.units,
         "parameters": list(params),
+        "unit_parameters": unit_parameters,
         "refine": refine_cfg,
         "environment": environment(),
     }
     log_path = run.run_dir / TRAJECTORY_FILE
     records = resume_records(engine, log_path, header, cfg.steps)
+    if tracker is not None:
+        for record in records:
+            _observe(tracker, record)
     sample = batch_sampler(run)
     progress = tqdm(range(len(records), cfg.steps), desc="refine", initial=len(records), total=cfg.steps)
     with TrajectoryWriter(log_path, header, len(records)) as writer:
@@ -159,7 +186,12 @@ def run(run: Run) -> dict[str, Any]:
             loss_fn = step_objective(run, model, tokenizer, sample(step), step, cache)
             lr = scheduled(cfg.lr, step, cfg.steps, cfg.lr_schedule)
             eps = scheduled(cfg.eps, step, cfg.steps, cfg.eps_schedule, final_fraction=0.1)
-            record = engine.step(step, step_seed(cfg.seed, step), lr, loss_fn, eps=eps)
+            unit = tracker.choose(step_seed(cfg.seed + _UNIT_SEED_OFFSET, step)) if tracker is not None else None
+            names = unit_parameters[unit] if unit is not None else None
+            record = engine.step(step, step_seed(cfg.seed, step), lr, loss_fn, eps=eps, names=names, evaluate_clean=unit is not None)
+            record.unit = unit
+            if tracker is not None:
+                _observe(tracker, record)
             writer.append(record)
             records.append(record)
             progress.set_postfix(loss=f"{record.loss:.4f}", g=f"{record.projected_grad:+.3f}")
@@ -177,6 +209,7 @@ def run(run: Run) -> dict[str, Any]:
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "trajectory": str(log_path),
-        "forward_passes": 2 * cfg.num_directions * cfg.grad_accum * len(records),
+        "forward_passes": (2 * cfg.num_directions + (tracker is not None)) * cfg.grad_accum * len(records),
+        **({"curvature": tracker.as_dict(), "reranked": tracker.ranking()} if tracker is not None else {}),
         "seconds": round(time.perf_counter() - started, 1),
     }
