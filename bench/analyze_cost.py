@@ -63,9 +63,9 @@ def _analysis(run: Run, model, tokenizer, seeds: list[int]):
     return analysis
 
 
-def stability(checkpoint: Path) -> dict[str, float]:
+def stability(checkpoint: Path, overrides: list[str]) -> dict[str, float]:
     """Spearman between two analyses with disjoint seeds, per score; and curvature vs noise."""
-    run = Run(_config([f"model.path={checkpoint}"]), Path(tempfile.mkdtemp()))
+    run = Run(_config([f"model.path={checkpoint}", *overrides]), Path(tempfile.mkdtemp()))
     model, tokenizer = run.load_model(checkpoint)
     seeds = run.cfg.analyze.seeds
     first = _analysis(run, model, tokenizer, list(range(seeds)))
@@ -107,12 +107,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None, help="an aligned built-in checkpoint directory")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--override", action="append", default=[], help="a config override for the stability runs, e.g. analyze.antithetic=false")
+    parser.add_argument("--skip-cost", action="store_true", help="only the stability part")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     checkpoint = args.checkpoint or _aligned_checkpoint(Path(tempfile.mkdtemp()))
-    report: dict[str, object] = {"checkpoint": str(checkpoint)}
-    report.update(stability(checkpoint))
-    report.update(cost_against_layers(checkpoint, args.layers))
+    report: dict[str, object] = {"checkpoint": str(checkpoint), "overrides": args.override}
+    report.update(stability(checkpoint, args.override))
+    if not args.skip_cost:
+        report.update(cost_against_layers(checkpoint, args.layers))
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()}, indent=2))
 
 
