@@ -3,8 +3,8 @@
 Policies, applied to the analyzer's ranking (most fragile first):
 
 - ``top_k``: the ``top_k`` most fragile units;
-- ``budget``: the most fragile units whose parameters add up to at most ``budget`` × all
-  decoder parameters (at least one unit);
+- ``budget``: the longest prefix of the ranking whose parameters add up to at most
+  ``budget`` × all decoder parameters (at least one unit);
 - ``threshold``: every unit whose score is at least ``threshold``;
 - ``names``: units whose name matches one of ``names`` exactly or as a regular expression
   (``re.fullmatch``), whatever their score.
@@ -77,9 +77,12 @@ def select_units(ranking: Sequence[str], scores: dict[str, float], sizes: dict[s
         allowed = policy.budget * sum(sizes[unit] for unit in ranking)
         chosen, used = [], 0
         for unit in ranking:
-            if used + sizes[unit] <= allowed or not chosen:
-                chosen.append(unit)
-                used += sizes[unit]
+            # A prefix of the ranking: skipping a large unit to fit smaller, less fragile
+            # ones would select by size rather than fragility.
+            if chosen and used + sizes[unit] > allowed:
+                break
+            chosen.append(unit)
+            used += sizes[unit]
         return chosen
     if policy.policy == "threshold":
         chosen = [unit for unit in ranking if scores[unit] >= policy.threshold]
