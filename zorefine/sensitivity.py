@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from functools import cached_property
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -91,8 +92,9 @@ class ThreatFamily:
 
     spec: str
 
-    @property
+    @cached_property
     def prototype(self) -> Threat:
+        """The threat the spec describes (parsed once)."""
         return parse_threat(self.spec)
 
     @property

@@ -129,11 +129,15 @@ class CompensatedShift:
         self._flat[self._exact_index] = self._exact_value
         self._offset = None
 
+    def _settle_reusing(self, seed: int, z: torch.Tensor) -> None:
+        """Back to θ; ``z`` is ``z(seed)``, reused when the current offset has the same seed."""
+        if self._offset is not None:
+            self._undo(z if self._offset.seed == seed else self._draw(self._offset.seed))
+
     def shift(self, seed: int, alpha: float) -> None:
         """Set the weight to ``θ + alpha·z(seed)``, from whatever offset it had."""
         z = self._draw(seed)
-        if self._offset is not None:
-            self._undo(z if self._offset.seed == seed else self._draw(self._offset.seed))
+        self._settle_reusing(seed, z)
         self._remember(seed, alpha, z)
         self._flat.add_(z.view(-1), alpha=alpha)
         self._offset = _Offset(seed, alpha)
@@ -149,8 +153,7 @@ class CompensatedShift:
     def update_along(self, seed: int, coeff: float) -> None:
         """``θ ← θ + coeff·z(seed)``; when the weight sits at ``θ + α·z(seed)``, one draw."""
         z = self._draw(seed)
-        if self._offset is not None:
-            self._undo(z if self._offset.seed == seed else self._draw(self._offset.seed))
+        self._settle_reusing(seed, z)
         self._flat.add_(z.view(-1), alpha=coeff)
         self._forget()
 
