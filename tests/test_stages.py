@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import make_cfg
 from zorefine.config import Stage
+from zorefine.errors import DataError
 from zorefine.pipeline import Run, run_pipeline
 from zorefine.stages import align, analyze, evaluate, refine
 from zorefine.replay import replay
@@ -102,6 +103,13 @@ def test_refine_touches_only_selected_layers_and_replays_exactly(micro_checkpoin
     replayed = _weights(replay(micro_checkpoint, tmp_path / "trajectory.jsonl", tmp_path / "replayed"))
     for name, tensor in refined.items():
         assert torch.equal(replayed[name], tensor), name
+    # A log whose seeds stood for another generator's numbers is refused, not misapplied.
+    lines = (tmp_path / "trajectory.jsonl").read_text().splitlines()
+    old_header = json.loads(lines[0])
+    old_header["environment"]["directions_version"] = 1
+    (tmp_path / "old.jsonl").write_text("\n".join([json.dumps(old_header)] + lines[1:]) + "\n")
+    with pytest.raises(DataError, match="direction generator v1"):
+        replay(micro_checkpoint, tmp_path / "old.jsonl", tmp_path / "replayed-old")
 
 
 def test_killed_refine_resumes_bit_identical(micro_checkpoint, tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ import torch
 
 from tests.tiny_models import tiny_model
 from zorefine.models.layers import decoder_parameters
-from zorefine.perturb import gaussian_direction, rademacher_direction, tensor_seed
+from zorefine import perturb
+from zorefine.perturb import Direction, tensor_seed
 from zorefine.weight_store import CompensatedShift, MasterCopy, make_store
 from zorefine.zo import ZOEngine, ZOSettings, step_seed
 
@@ -37,7 +38,7 @@ def _refine(arch: str, store: str, steps: int = 4, **settings) -> tuple[torch.nn
     ],
     ids=["gaussian", "rademacher", "relative-q3-adam"],
 )
-def test_compensated_store_follows_the_copy_store_bit_for_bit(arch, settings):
+def test_compensated_store_follows_the_copy_store_bit_for_bit(arch, settings, small_chunks):
     copy_model, copy_losses = _refine(arch, "copy", **settings)
     compensated_model, compensated_losses = _refine(arch, "compensated", **settings)
     assert copy_losses == compensated_losses
@@ -48,8 +49,14 @@ def test_compensated_store_follows_the_copy_store_bit_for_bit(arch, settings):
         assert torch.equal(copied[name], compensated[name]), name
 
 
-@pytest.mark.parametrize("draw", [gaussian_direction, rademacher_direction])
-def test_compensated_moves_undo_exactly_even_where_the_move_dwarfs_the_weight(draw):
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 256 entries, so small tensors cross many chunk boundaries."""
+    monkeypatch.setitem(perturb._CHUNK_BY_DEVICE_TYPE, "cpu", 256)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_compensated_moves_undo_exactly_even_where_the_move_dwarfs_the_weight(kind, small_chunks):
     torch.manual_seed(0)
     values = torch.randn(4096) * 0.02
     values[:64] = 0.0  # exact zeros
@@ -57,7 +64,7 @@ def test_compensated_moves_undo_exactly_even_where_the_move_dwarfs_the_weight(dr
     values[128:192] = torch.finfo(torch.float32).tiny / 4  # subnormal
     values[192:256] = 1.0 + torch.arange(64) * 2.0**-23  # just above a binade edge
     weight = values.clone()
-    store = CompensatedShift(weight, lambda seed: draw(weight, tensor_seed(seed, "w")))
+    store = CompensatedShift(weight, lambda seed: Direction(kind, weight.shape, weight.device, tensor_seed(seed, "w")))
     for seed, alpha in [(1, 0.1), (1, -0.1), (2, 3.0), (2, -3.0), (3, 1e-3), (4, -0.5)]:
         store.shift(seed, alpha)
         assert not torch.equal(weight, values)
@@ -68,20 +75,45 @@ def test_compensated_moves_undo_exactly_even_where_the_move_dwarfs_the_weight(dr
 def test_compensated_store_keeps_about_one_byte_per_weight():
     torch.manual_seed(0)
     weight = torch.randn(256, 256) * 0.02
-    store = CompensatedShift(weight, lambda seed: gaussian_direction(weight, seed))
+    store = CompensatedShift(weight, lambda seed: Direction("gaussian", weight.shape, weight.device, seed))
     store.shift(7, 1e-3)
     saved = store._low.numel() * store._low.element_size()
-    saved += store._exact_index.numel() * (store._exact_index.element_size() + store._exact_value.element_size())
+    exceptions = sum(positions.numel() for positions, _ in store._exceptions)
+    saved += sum(p.numel() * p.element_size() + v.numel() * v.element_size() for p, v in store._exceptions)
     assert saved <= 1.1 * weight.numel()
-    assert 0 < store._exact_index.numel() < 0.01 * weight.numel()
+    assert 0 < exceptions < 0.01 * weight.numel()
 
 
 def test_half_precision_weights_always_get_a_master_copy():
     weight = torch.zeros(8, 8, dtype=torch.bfloat16)
-    assert isinstance(make_store("compensated", weight, lambda seed: weight.float()), MasterCopy)
-    assert isinstance(make_store("compensated", torch.zeros(8, 8), lambda seed: weight.float()), CompensatedShift)
+    direction_of = lambda seed: Direction("gaussian", weight.shape, weight.device, seed)  # noqa: E731
+    assert isinstance(make_store("compensated", weight, direction_of), MasterCopy)
+    assert isinstance(make_store("compensated", torch.zeros(8, 8), direction_of), CompensatedShift)
     with pytest.raises(ValueError, match="store must be one of"):
-        make_store("exact", weight, lambda seed: weight.float())
+        make_store("exact", weight, direction_of)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_a_direction_is_the_same_numbers_whatever_the_chunk_size(kind, monkeypatch):
+    whole = Direction(kind, (3, 1000), torch.device("cpu"), 17).full()
+    monkeypatch.setitem(perturb._CHUNK_BY_DEVICE_TYPE, "cpu", 256)
+    pieces = [chunk.clone() for _, _, chunk in Direction(kind, (3, 1000), torch.device("cpu"), 17).chunks()]
+    assert len(pieces) == 12 and torch.equal(torch.cat(pieces).view(3, 1000), whole)
+    if kind == "rademacher":
+        assert set(whole.unique().tolist()) == {-1.0, 1.0} and abs(float(whole.mean())) < 0.08  # 4.4 sigma
+    else:
+        assert abs(float(whole.std()) - 1.0) < 0.08
+
+
+def test_master_copy_handles_bf16_and_non_contiguous_weights(small_chunks):
+    for weight in (torch.randn(40, 30).to(torch.bfloat16), torch.randn(30, 40).t()):
+        start = weight.clone()
+        store = MasterCopy(weight, lambda seed: Direction("gaussian", weight.shape, weight.device, seed))
+        store.shift(1, 0.5)
+        expected = (start.float() + 0.5 * Direction("gaussian", weight.shape, weight.device, 1).full()).to(weight.dtype)
+        assert torch.equal(weight, expected)
+        store.settle()
+        assert torch.equal(weight, start)
 
 
 def test_compensated_store_skips_a_non_finite_step_with_the_weights_untouched():

@@ -4,15 +4,28 @@ Every tensor draws its direction from its own seed, derived from a step (or tria
 seed and the tensor's name. A direction is therefore never stored: any tensor, or
 any process holding it, can regenerate its own direction alone, and two tensors never
 share a direction because they share a seed.
+
+A :class:`Direction` is produced in fixed-size chunks written into a small reused scratch
+buffer, so moving a weight along it never allocates (or page-faults) a temporary the size of
+the tensor. The whole tensor, when one is needed, is by construction those chunks laid end to
+end, so the chunked and the whole-tensor paths always agree.
 """
 
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
 _SEED_MASK = (1 << 63) - 1
+# Bumped whenever the numbers a seed produces change; replay refuses logs from another version.
+DIRECTIONS_VERSION = 2
+# Entries per chunk: small enough to stay in cache on CPU, large enough to keep GPU kernels busy.
+# Fixed per device type, because CUDA generators give different numbers for other chunkings.
+_CHUNK_BY_DEVICE_TYPE = {"cpu": 1 << 20}
+_CHUNK_DEFAULT = 1 << 24
 
 
 def tensor_seed(base_seed: int, tensor_name: str) -> int:
@@ -21,16 +34,112 @@ def tensor_seed(base_seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest, "little") & _SEED_MASK
 
 
+def chunk_size(device: torch.device) -> int:
+    """Entries per direction chunk on ``device`` (a multiple of 64)."""
+    return _CHUNK_BY_DEVICE_TYPE.get(torch.device(device).type, _CHUNK_DEFAULT)
+
+
+class _ScratchPool:
+    """Reusable chunk buffers per device: a move never allocates one afresh."""
+
+    def __init__(self) -> None:
+        self._free: dict[torch.device, list[torch.Tensor]] = {}
+
+    @contextmanager
+    def buffer(self, device: torch.device) -> Iterator[torch.Tensor]:
+        free = self._free.setdefault(device, [])
+        scratch = free.pop() if free else None
+        if scratch is None or scratch.numel() < chunk_size(device):
+            scratch = torch.empty(chunk_size(device), dtype=torch.float32, device=device)
+        try:
+            yield scratch
+        finally:
+            free.append(scratch)
+
+
+_SCRATCH = _ScratchPool()
+
+
+def scratch_buffer(device: torch.device):
+    """A reused fp32 buffer of one chunk on ``device`` (a context manager); never shared while held."""
+    return _SCRATCH.buffer(torch.device(device))
+_SIGN_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """Row ``b`` holds the 8 signs (bit i set → +1) that random byte ``b`` stands for."""
+    if device not in _SIGN_TABLES:
+        shifts = torch.arange(8, dtype=torch.uint8)
+        bits = (torch.arange(256, dtype=torch.int32).to(torch.uint8).unsqueeze(1) >> shifts) & 1
+        _SIGN_TABLES[device] = (bits.to(torch.float32) * 2 - 1).to(device)
+    return _SIGN_TABLES[device]
+
+
+class Direction:
+    """The direction ``z(seed)`` of one tensor: Gaussian or ±1 (Rademacher), fp32.
+
+    Args:
+        kind: ``"gaussian"`` (standard normal entries) or ``"rademacher"`` (±1 entries, a valid
+            SPSA direction with zero mean and identity covariance that costs one random bit per
+            entry: several times cheaper to regenerate on CPU).
+        shape: the tensor's shape.
+        device: where to draw it.
+        seed: the tensor's seed (see :func:`tensor_seed`).
+    """
+
+    def __init__(self, kind: str, shape: torch.Size | tuple[int, ...], device: torch.device, seed: int) -> None:
+        if kind not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {sorted(DIRECTIONS)}, got {kind!r}")
+        self.kind, self.shape, self.device, self.seed = kind, torch.Size(shape), torch.device(device), int(seed)
+        self.numel = self.shape.numel()
+
+    def chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, end, z[start:end])`` over the flattened tensor, in order.
+
+        Each chunk lives in a shared scratch buffer that the next chunk overwrites: use it
+        before advancing the iterator.
+        """
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.seed)
+        step = chunk_size(self.device)
+        with _SCRATCH.buffer(self.device) as scratch:
+            for start in range(0, self.numel, step):
+                end = min(start + step, self.numel)
+                yield start, end, self._fill(scratch, end - start, generator)
+
+    def _fill(self, scratch: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+        if self.kind == "gaussian":
+            return torch.randn(count, generator=generator, out=scratch[:count])
+        # One random bit per entry: 64-bit words, read as bytes, each byte looked up as 8 signs.
+        words = torch.randint(
+            -(1 << 63), (1 << 63) - 1, ((count + 63) // 64,), dtype=torch.int64, generator=generator, device=self.device
+        )
+        num_bytes = (count + 7) // 8
+        byte_index = words.view(torch.uint8)[:num_bytes].to(torch.int32)
+        torch.index_select(_sign_table(self.device), 0, byte_index, out=scratch[: num_bytes * 8].view(num_bytes, 8))
+        return scratch[:count]
+
+    def full(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole direction as a new tensor (the chunks laid end to end)."""
+        out = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        for start, end, chunk in self.chunks():
+            out[start:end].copy_(chunk)
+        out = out.view(self.shape)
+        return out if dtype in (None, torch.float32) else out.to(dtype)
+
+
 def gaussian_direction(reference: torch.Tensor, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Standard normal tensor shaped like ``reference``, reproducible from ``seed``.
 
     Drawn on ``reference``'s device. The draw is made in float32 and cast, so a bf16 model and
     its fp32 master copy see the same direction.
     """
-    generator = torch.Generator(device=reference.device)
-    generator.manual_seed(int(seed))
-    direction = torch.randn(reference.shape, generator=generator, device=reference.device, dtype=torch.float32)
-    return direction if dtype in (None, torch.float32) else direction.to(dtype)
+    return Direction("gaussian", reference.shape, reference.device, seed).full(dtype)
+
+
+def rademacher_direction(reference: torch.Tensor, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Random ±1 tensor shaped like ``reference``, reproducible from ``seed``."""
+    return Direction("rademacher", reference.shape, reference.device, seed).full(dtype)
 
 
 def tensor_rms(tensor: torch.Tensor) -> float:
@@ -38,26 +147,6 @@ def tensor_rms(tensor: torch.Tensor) -> float:
     if tensor.numel() == 0:
         return 0.0
     return float(tensor.detach().float().pow(2).mean().sqrt())
-
-
-_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
-
-
-def rademacher_direction(reference: torch.Tensor, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Random ±1 tensor shaped like ``reference``, reproducible from ``seed``.
-
-    A valid SPSA direction (zero mean, identity covariance) that costs one random byte per
-    eight entries: on CPU about four times cheaper to regenerate than a Gaussian one.
-    """
-    device = reference.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
-    count = reference.numel()
-    random_bytes = torch.randint(0, 256, ((count + 7) // 8,), dtype=torch.uint8, generator=generator, device=device)
-    shifts = _BIT_SHIFTS.setdefault(device, torch.arange(8, dtype=torch.uint8, device=device))
-    bits = ((random_bytes.unsqueeze(1) >> shifts) & 1).flatten()[:count]
-    direction = bits.to(dtype or torch.float32).mul_(2).sub_(1)
-    return direction.view(reference.shape)
 
 
 DIRECTIONS = {"gaussian": gaussian_direction, "rademacher": rademacher_direction}

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from zorefine.errors import DataError, ZorefineError
-from zorefine.trajectory import iter_steps, read_trajectory
+from zorefine.trajectory import check_directions_version, iter_steps, read_trajectory
 from zorefine.zo import ZOEngine, ZOSettings, ZOStepRecord
 
 
@@ -61,6 +61,7 @@ def replay(base_dir: str | Path, log_path: str | Path, out_dir: str | Path) -> P
     header, records = read_trajectory(Path(log_path))
     if header is None:
         raise DataError(f"{log_path}: no trajectory header (is this a zorefine trajectory.jsonl?)")
+    check_directions_version(header, log_path)
     model, tokenizer = load_causal_lm(base_dir, device="cpu" if not torch.cuda.is_available() else "auto")
     engine = ZOEngine(select_parameters(model, header["parameters"]), settings=settings_from_config(header["refine"]))
     applied = apply_records(engine, records, header.get("unit_parameters"))

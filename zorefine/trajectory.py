@@ -18,13 +18,15 @@ import torch
 import transformers
 
 from zorefine.errors import DataError
+from zorefine.perturb import DIRECTIONS_VERSION
 from zorefine.zo import ZOStepRecord
 
 
-def environment() -> dict[str, str]:
+def environment() -> dict[str, Any]:
     """Library versions and device: a replay is bit-exact only on the same ones."""
     return {
         "replay": REPLAY_NOTE,
+        "directions_version": DIRECTIONS_VERSION,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -39,6 +41,16 @@ REPLAY_NOTE = (
     "device type and torch version (random directions come from torch.Generator, whose streams "
     "differ between CPU and CUDA and may change across torch releases)."
 )
+
+
+def check_directions_version(header: dict[str, Any], source: object) -> None:
+    """Refuse a log whose seeds stood for other random numbers than this zorefine draws."""
+    logged = header.get("environment", {}).get("directions_version", 1)
+    if logged != DIRECTIONS_VERSION:
+        raise DataError(
+            f"{source}: made with direction generator v{logged}, this zorefine draws v{DIRECTIONS_VERSION}; "
+            "replay or resume it with the zorefine release that wrote it"
+        )
 
 
 def read_trajectory(path: Path) -> tuple[dict[str, Any] | None, list[ZOStepRecord]]:

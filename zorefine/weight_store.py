@@ -11,19 +11,23 @@ Two stores, one interface:
   units in the last place of θ; the saved low byte says exactly where. Costs about 1 byte per
   weight instead of 4, for a few more elementwise passes per move.
 
-Both produce bit-identical weights for the same sequence of moves and updates, because the
-update itself is the same ``θ.add_(z, alpha=c)`` on an exact fp32 θ in both.
+Every move streams the direction chunk by chunk (:class:`zorefine.perturb.Direction`), so no
+temporary the size of a tensor is made. Both stores produce bit-identical weights for the same
+sequence of moves and updates, because the update itself is the same ``θ.add_(z, alpha=c)``
+on an exact fp32 θ in both.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-Draw = Callable[[int], torch.Tensor]
+from zorefine.perturb import Direction, scratch_buffer
+
+DirectionOf = Callable[[int], Direction]
 STORES = ("copy", "compensated")
 
 # A move of size |δ| ≤ 16·|θ| is undone by subtraction to within 34 bit-pattern steps of θ
@@ -31,9 +35,6 @@ STORES = ("copy", "compensated")
 # Entries with larger relative moves (θ ≈ 0) are saved exactly instead.
 _RELATIVE_MOVE_LIMIT = 16.0
 _LOW_BYTE = 0 if sys.byteorder == "little" else 3
-# Bookkeeping runs over slices of this many entries, so its temporaries stay a few MB even for
-# an embedding matrix (the point of this store is memory).
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -45,10 +46,12 @@ class _Offset:
 class MasterCopy:
     """A weight whose exact value θ lives in an fp32 master copy."""
 
-    def __init__(self, param: torch.Tensor, draw: Draw) -> None:
-        self.param, self._draw = param, draw
-        self.master = param.detach().to(torch.float32).clone()
-        self._in_place = param.dtype == torch.float32
+    def __init__(self, param: torch.Tensor, direction_of: DirectionOf) -> None:
+        self.param, self._direction_of = param, direction_of
+        self.master = param.detach().to(torch.float32).clone().contiguous()
+        self._master_flat = self.master.view(-1)
+        # Chunks are written through a flat view; a non-contiguous weight gets whole-tensor writes.
+        self._param_flat = param.data.view(-1) if param.is_contiguous() else None
 
     def theta(self) -> torch.Tensor:
         """θ in fp32 (the master copy itself: do not modify)."""
@@ -56,12 +59,16 @@ class MasterCopy:
 
     def shift(self, seed: int, alpha: float) -> None:
         """Set the weight to ``θ + alpha·z(seed)``, from whatever offset it had."""
-        z = self._draw(seed)
-        if self._in_place:
-            # Written straight into the weight: no temporary the size of the tensor.
-            torch.add(self.master, z, alpha=alpha, out=self.param.data)
-        else:
-            self.param.data.copy_(self.master.add(z, alpha=alpha))
+        direction = self._direction_of(seed)
+        if self._param_flat is None:
+            self.param.data.copy_(self.master.add(direction.full().view_as(self.master), alpha=alpha))
+            return
+        in_place = self._param_flat.dtype == torch.float32
+        for start, end, z in direction.chunks():
+            if in_place:
+                torch.add(self._master_flat[start:end], z, alpha=alpha, out=self._param_flat[start:end])
+            else:
+                self._param_flat[start:end].copy_(self._master_flat[start:end].add(z, alpha=alpha))
 
     def settle(self) -> None:
         """Write θ back into the weight (exact)."""
@@ -69,8 +76,12 @@ class MasterCopy:
 
     def update_along(self, seed: int, coeff: float) -> None:
         """``θ ← θ + coeff·z(seed)`` and write it: the restore fused into the update."""
-        self.master.add_(self._draw(seed), alpha=coeff)
-        self.param.data.copy_(self.master)
+        for start, end, z in self._direction_of(seed).chunks():
+            self._master_flat[start:end].add_(z, alpha=coeff)
+            if self._param_flat is not None:
+                self._param_flat[start:end].copy_(self._master_flat[start:end])
+        if self._param_flat is None:
+            self.param.data.copy_(self.master)
 
     def update_by(self, direction: torch.Tensor, coeff: float) -> None:
         """``θ ← θ + coeff·direction`` and write it."""
@@ -81,80 +92,99 @@ class MasterCopy:
 class CompensatedShift:
     """An fp32 weight moved in place and restored bit for bit from about 1 byte per entry."""
 
-    def __init__(self, param: torch.Tensor, draw: Draw) -> None:
+    def __init__(self, param: torch.Tensor, direction_of: DirectionOf) -> None:
         if param.dtype != torch.float32 or not param.is_contiguous():
             raise ValueError("CompensatedShift needs a contiguous float32 tensor")
-        self.param, self._draw = param, draw
+        self.param, self._direction_of = param, direction_of
         self._flat = param.data.view(-1)
         self._bits = self._flat.view(torch.int32)
         self._offset: _Offset | None = None
         self._low: torch.Tensor | None = None  # low bytes of θ; valid until θ changes
         self._exact_for: tuple[int, float] | None = None  # (seed, |alpha|) the exceptions cover
-        self._exact_index = torch.empty(0, dtype=torch.long, device=param.device)
-        self._exact_value = torch.empty(0, dtype=torch.float32, device=param.device)
+        # Per chunk: positions (within the chunk) and exact θ of entries moved too far to undo.
+        self._exceptions: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def theta(self) -> torch.Tensor:
         """θ in fp32: settles the weight first and returns it."""
         self.settle()
         return self.param.data
 
-    def _low_bytes(self) -> torch.Tensor:
-        return self._flat.view(torch.uint8)[_LOW_BYTE::4]
+    def _low_bytes(self, start: int, end: int) -> torch.Tensor:
+        return self._flat[start:end].view(torch.uint8)[_LOW_BYTE::4]
 
-    def _remember(self, seed: int, alpha: float, z: torch.Tensor) -> None:
-        """Save what a move of ``alpha·z`` from θ (the current weight) would destroy."""
-        if self._low is None:
-            self._low = self._low_bytes().clone()
-        if self._exact_for != (seed, abs(alpha)):
-            z_flat, found = z.view(-1), []
-            for start in range(0, self._flat.numel(), _CHUNK):
-                end = start + _CHUNK
-                moved = z_flat[start:end].abs().mul_(abs(alpha))
-                large = self._flat[start:end].abs().mul_(_RELATIVE_MOVE_LIMIT).lt_(moved)
-                found.append(large.nonzero().squeeze(1).add_(start))
-            self._exact_index = torch.cat(found)
-            self._exact_value = self._flat[self._exact_index].clone()
-            self._exact_for = (seed, abs(alpha))
+    def _chunks_with_offset(self, seed: int) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor | None]]:
+        """``(index, start, end, z(seed) chunk, z(current offset) chunk or None)``, in lockstep."""
+        new = self._direction_of(seed).chunks()
+        offset = self._offset
+        # The same seed: one chunk serves both the undo and the next move.
+        old = None if offset is None or offset.seed == seed else self._direction_of(offset.seed).chunks()
+        for index, (start, end, z) in enumerate(new):
+            if offset is None:
+                yield index, start, end, z, None
+            else:
+                yield index, start, end, z, z if old is None else next(old)[2]
 
-    def _undo(self, z: torch.Tensor) -> None:
-        """Take the current offset off the weight, landing on θ exactly."""
+    def _undo_chunk(self, index: int, start: int, end: int, z_old: torch.Tensor) -> None:
+        """Take the current offset off one chunk of the weight, landing on θ exactly."""
         assert self._offset is not None and self._low is not None
-        self._flat.add_(z.view(-1), alpha=-self._offset.alpha)
-        low_now = self._low_bytes()
-        for start in range(0, self._flat.numel(), _CHUNK):
-            end = start + _CHUNK
-            # Wrapping uint8 difference, read as signed: how many bit-pattern steps to θ.
-            correction = (self._low[start:end] - low_now[start:end]).view(torch.int8)
-            self._bits[start:end].add_(correction.to(torch.int32))
-        self._flat[self._exact_index] = self._exact_value
-        self._offset = None
+        self._flat[start:end].add_(z_old, alpha=-self._offset.alpha)
+        # Wrapping uint8 difference, read as signed: how many bit-pattern steps to θ.
+        correction = (self._low[start:end] - self._low_bytes(start, end)).view(torch.int8)
+        self._bits[start:end].add_(correction.to(torch.int32))
+        positions, values = self._exceptions[index]
+        if positions.numel():
+            self._flat[start:end][positions] = values
 
-    def _settle_reusing(self, seed: int, z: torch.Tensor) -> None:
-        """Back to θ; ``z`` is ``z(seed)``, reused when the current offset has the same seed."""
-        if self._offset is not None:
-            self._undo(z if self._offset.seed == seed else self._draw(self._offset.seed))
+    def _remember_chunk(self, index: int, start: int, end: int, z: torch.Tensor, alpha: float) -> None:
+        """Save what a move of ``alpha·z`` from θ (this chunk's current value) would destroy."""
+        assert self._low is not None
+        theta = self._flat[start:end]
+        self._low[start:end] = self._low_bytes(start, end)
+        count = end - start
+        with scratch_buffer(theta.device) as limit, scratch_buffer(theta.device) as moved:
+            torch.abs(theta, out=limit[:count]).mul_(_RELATIVE_MOVE_LIMIT)
+            torch.abs(z, out=moved[:count]).mul_(abs(alpha))
+            positions = limit[:count].lt_(moved[:count]).nonzero().squeeze(1)
+        entry = (positions, theta[positions].clone())
+        if index < len(self._exceptions):
+            self._exceptions[index] = entry
+        else:
+            self._exceptions.append(entry)
 
     def shift(self, seed: int, alpha: float) -> None:
         """Set the weight to ``θ + alpha·z(seed)``, from whatever offset it had."""
-        z = self._draw(seed)
-        self._settle_reusing(seed, z)
-        self._remember(seed, alpha, z)
-        self._flat.add_(z.view(-1), alpha=alpha)
+        if self._low is None:
+            self._low = torch.empty(self._flat.numel(), dtype=torch.uint8, device=self._flat.device)
+            self._exact_for = None
+        remember = self._exact_for != (seed, abs(alpha))
+        for index, start, end, z, z_old in self._chunks_with_offset(seed):
+            if z_old is not None:
+                self._undo_chunk(index, start, end, z_old)
+            if remember:
+                self._remember_chunk(index, start, end, z, alpha)
+            self._flat[start:end].add_(z, alpha=alpha)
+        self._exact_for = (seed, abs(alpha))
         self._offset = _Offset(seed, alpha)
 
     def settle(self) -> None:
         """Bring the weight back to θ exactly."""
-        if self._offset is not None:
-            self._undo(self._draw(self._offset.seed))
+        if self._offset is None:
+            return
+        for index, (start, end, z_old) in enumerate(self._direction_of(self._offset.seed).chunks()):
+            self._undo_chunk(index, start, end, z_old)
+        self._offset = None
 
     def _forget(self) -> None:
+        """θ changed: the saved low bytes and exceptions no longer describe it."""
         self._low, self._exact_for = None, None
 
     def update_along(self, seed: int, coeff: float) -> None:
         """``θ ← θ + coeff·z(seed)``; when the weight sits at ``θ + α·z(seed)``, one draw."""
-        z = self._draw(seed)
-        self._settle_reusing(seed, z)
-        self._flat.add_(z.view(-1), alpha=coeff)
+        for index, start, end, z, z_old in self._chunks_with_offset(seed):
+            if z_old is not None:
+                self._undo_chunk(index, start, end, z_old)
+            self._flat[start:end].add_(z, alpha=coeff)
+        self._offset = None
         self._forget()
 
     def update_by(self, direction: torch.Tensor, coeff: float) -> None:
@@ -164,10 +194,10 @@ class CompensatedShift:
         self._forget()
 
 
-def make_store(kind: str, param: torch.Tensor, draw: Draw) -> MasterCopy | CompensatedShift:
+def make_store(kind: str, param: torch.Tensor, direction_of: DirectionOf) -> MasterCopy | CompensatedShift:
     """The store of ``kind`` for ``param``; half-precision weights always get a master copy."""
     if kind not in STORES:
         raise ValueError(f"store must be one of {STORES}, got {kind!r}")
     if kind == "compensated" and param.dtype == torch.float32 and param.is_contiguous():
-        return CompensatedShift(param, draw)
-    return MasterCopy(param, draw)
+        return CompensatedShift(param, direction_of)
+    return MasterCopy(param, direction_of)

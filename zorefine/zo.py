@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from zorefine.perturb import DIRECTIONS, tensor_rms, tensor_seed
+from zorefine.perturb import DIRECTIONS, Direction, tensor_rms, tensor_seed
 from zorefine.weight_store import STORES, make_store
 
 _STEP_SEED_SPACE = 2**31 - 1
@@ -136,9 +136,8 @@ class ZOEngine:
         if eps is not None:
             self.settings.eps = float(eps)
         self.params = dict(params)
-        self._draw = DIRECTIONS[self.settings.direction]
         self.stores = {
-            name: make_store(self.settings.store, p, self._drawer(name, p)) for name, p in self.params.items()
+            name: make_store(self.settings.store, p, self._direction_of(name, p)) for name, p in self.params.items()
         }
         # Per-tensor perturbation scale: 1 (absolute ε) or the tensor's RMS at the start
         # (relative ε), fixed for the run so replay can recompute it from the base weights.
@@ -154,10 +153,10 @@ class ZOEngine:
         """How many scalar weights the engine refines."""
         return sum(p.numel() for p in self.params.values())
 
-    def _drawer(self, name: str, param: torch.Tensor) -> Callable[[int], torch.Tensor]:
-        """The direction of tensor ``name`` for a direction seed, drawn in fp32 on its device."""
-        # The draw reads only the reference's shape and device, never its values.
-        return lambda seed: self._draw(param, tensor_seed(seed, name))
+    def _direction_of(self, name: str, param: torch.Tensor) -> Callable[[int], Direction]:
+        """The direction of tensor ``name`` for a direction seed (fp32, on the tensor's device)."""
+        kind, shape, device = self.settings.direction, param.shape, param.device
+        return lambda seed: Direction(kind, shape, device, tensor_seed(seed, name))
 
     def theta(self, name: str) -> torch.Tensor:
         """The exact fp32 value of a selected tensor (settles its weight first if needed)."""
@@ -223,10 +222,12 @@ class ZOEngine:
                 # The common case in one pass: no gradient tensor is materialised.
                 store.update_along(seed, -lr * grads[0] * scale)
             else:
-                draw = self._drawer(name, self.params[name])
-                grad = torch.zeros(self.params[name].shape, dtype=torch.float32, device=self.params[name].device)
+                direction_of = self._direction_of(name, self.params[name])
+                grad = torch.zeros(self.params[name].numel(), dtype=torch.float32, device=self.params[name].device)
                 for index, g in enumerate(grads):
-                    grad.add_(draw(direction_seed(seed, index)), alpha=g * scale / len(grads))
+                    for start, end, z in direction_of(direction_seed(seed, index)).chunks():
+                        grad[start:end].add_(z, alpha=g * scale / len(grads))
+                grad = grad.view(self.params[name].shape)
                 store.update_by(self._optimizer_step(name, grad), -lr)
 
     def _optimizer_step(self, name: str, grad: torch.Tensor) -> torch.Tensor:

@@ -129,10 +129,14 @@ def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
     def settings(header: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in header.get("refine", {}).items() if k not in ("steps", "log_every", "prefix_cache", "store")}
 
+    def version(header: dict[str, Any]) -> int:
+        return header.get("environment", {}).get("directions_version", 1)
+
     return (
         previous.get("base_checkpoint") == current["base_checkpoint"]
         and previous.get("parameters") == current["parameters"]
         and settings(previous) == settings(current)
+        and version(previous) == version(current)
     )
 
 
