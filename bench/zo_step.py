@@ -130,7 +130,7 @@ def measure(model_name: str, batch: int, seq: int, repeats: int) -> dict[str, fl
     results["forward_seconds"] = forward
     for which in ("full", "top_half"):
         params = selection(model, which)
-        engine = ZOEngine(params, eps=1e-3)
+        engine = ZOEngine(params, settings=ZOSettings(eps=1e-3, direction="gaussian"))
         counter = iter(range(10**9))
         ours = timed(lambda: engine.step(0, step_seed(0, next(counter)), 0.0, loss), repeats)
         free = timed(lambda: engine.step(0, step_seed(0, next(counter)), 0.0, lambda: 0.0), repeats)
@@ -212,7 +212,7 @@ def _peak_rss_child(model_name: str, batch: int, seq: int, mode: str) -> int:
                 model(**inputs)
         else:
             which, _, store = mode.partition(":")
-            engine = ZOEngine(selection(model, which), settings=ZOSettings(eps=1e-3, store=store or "copy"))
+            engine = ZOEngine(selection(model, which), settings=ZOSettings(eps=1e-3, direction="gaussian", store=store or "copy"))
             for step in range(3):
                 engine.step(step, step_seed(0, step), 1e-6, lambda: float(model(**inputs).loss))
     return rss.peak

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from zorefine.document import Bullets, Details, Document, Heading, Image, Paragraph, Table
+
 ROWS = [
     ("harmful_refusal_rate", "refusal (harmful) ↑"),
     ("attack_success_rate", "ASR ↓"),
@@ -27,63 +29,71 @@ def _fmt(cell: Mapping[str, float]) -> str:
     return f"{mean:.3f}"
 
 
-def condition_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
-    """One markdown table: conditions as columns, metrics as rows."""
+def condition_table(summary: Mapping[str, Mapping[str, Any]]) -> Table:
+    """Conditions as columns, metrics as rows."""
     conditions = list(summary)
-    lines = ["| metric | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
-    for key, title in ROWS:
-        lines.append(f"| {title} | " + " | ".join(_fmt(summary[c][key]) for c in conditions) + " |")
-    return "\n".join(lines)
+    return Table(["metric", *conditions], [[title, *(_fmt(summary[c][key]) for c in conditions)] for key, title in ROWS])
 
 
-def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> str:
-    """Harmful refusal rate per condition, one column per model (e.g. before / after)."""
+def before_after_table(models: Mapping[str, Mapping[str, Any]]) -> Table:
+    """Harmful refusal and benign answer rates per condition, one column per model."""
     names = list(models)
     conditions = list(next(iter(models.values()))["summary"])
-    lines = ["| condition | " + " | ".join(f"refusal, {n}" for n in names) + " | " + " | ".join(f"answered benign, {n}" for n in names) + " |"]
-    lines.append("|---|" + "---|" * (2 * len(names)))
+    header = ["condition", *(f"refusal, {n}" for n in names), *(f"answered benign, {n}" for n in names)]
+    rows = []
     for condition in conditions:
         refusal = [_fmt(models[n]["summary"][condition]["harmful_refusal_rate"]) for n in names]
         helpful = [_fmt(models[n]["summary"][condition]["benign_helpful_rate"]) for n in names]
-        lines.append(f"| {condition} | " + " | ".join(refusal + helpful) + " |")
-    return "\n".join(lines)
+        rows.append([condition, *refusal, *helpful])
+    return Table(header, rows)
 
 
 def _sigma_text(sigma: Optional[float]) -> str:
     return "never (within the grid)" if sigma is None else f"σ = {sigma:g}"
 
 
-def write_report(path: Path, models: Mapping[str, Mapping[str, Any]], header: Mapping[str, Any]) -> None:
-    """Write the markdown report for one or two evaluated models."""
-    out = ["# zorefine report", ""]
-    for key, value in header.items():
-        out.append(f"- **{key}**: {value}")
-    out += ["", "Rates are fractions of held-out test prompts judged by the refusal judge; noise rows show the",
-            "mean and 95% interval over seeds. σ is relative Gaussian weight noise (× each tensor's RMS).", ""]
+def _model_findings(result: Mapping[str, Any]) -> Bullets:
+    breaks = result["breaks"]
+    area = result.get("refusal_curve_area_interval") or {"mean": result["refusal_curve_area"], "n": 1}
+    robust = result.get("robust_sigma")
+    return Bullets([
+        f"area under the refusal-vs-σ curve (per unit σ): **{_fmt(area)}**",
+        f"robust σ (refusal stays ≥ {result.get('robust_level', 0.9):g}): "
+        + ("none: refusal is below the level even clean" if robust is None else f"**{robust:g}**"),
+        f"refusal breaks (falls below {breaks['fraction']:g} × clean) at {_sigma_text(breaks['refusal_sigma'])}",
+        f"benign answers break at {_sigma_text(breaks['benign_sigma'])}",
+        f"safety breaks first or together (by generation): **{breaks['safety_first_or_together']}**",
+        f"refusal perplexity doubles (safety loss +ln 2) at {_sigma_text(breaks['safety_loss_sigma'])}; "
+        f"benign-answer perplexity doubles (utility loss +ln 2) at {_sigma_text(breaks['utility_loss_sigma'])}; "
+        f"safety first or together (by loss): **{breaks['safety_loss_first_or_together']}**",
+    ])
+
+
+def report_document(models: Mapping[str, Mapping[str, Any]], header: Mapping[str, Any], plot: Path | None = None) -> Document:
+    """The evaluation report of one run (one or two evaluated models)."""
+    doc = Document("zorefine report")
+    doc.add(Bullets([f"**{key}**: {value}" for key, value in header.items()]))
+    doc.add(Paragraph(
+        "Rates are fractions of held-out test prompts judged by the refusal judge; noise rows show the "
+        "mean and 95% interval over seeds. σ is relative Gaussian weight noise (× each tensor's RMS)."
+    ))
+    if plot is not None:
+        doc.add(Image(plot, "refusal (solid) and benign answers (dashed) against weight noise σ"))
     if len(models) > 1:
-        out += ["## Before vs after refinement", "", comparison_table(models), ""]
+        doc.add(Heading("Before vs after refinement"), before_after_table(models))
     for name, result in models.items():
-        breaks = result["breaks"]
-        out += [
-            f"## {name}: `{result['checkpoint']}`",
-            "",
-            f"- refusal breaks (falls below {breaks['fraction']:g} × clean) at {_sigma_text(breaks['refusal_sigma'])}",
-            f"- benign answers break at {_sigma_text(breaks['benign_sigma'])}",
-            f"- safety breaks first or together (by generation): **{breaks['safety_first_or_together']}**",
-            f"- refusal perplexity doubles (safety loss +ln 2) at {_sigma_text(breaks['safety_loss_sigma'])}; "
-            f"benign-answer perplexity doubles (utility loss +ln 2) at {_sigma_text(breaks['utility_loss_sigma'])}; "
-            f"safety first or together (by loss): **{breaks['safety_loss_first_or_together']}**",
-            f"- area under the refusal-vs-σ curve (per unit σ): {result['refusal_curve_area']:.3f}",
-            "",
-            condition_table(result["summary"]),
-            "",
-        ]
+        doc.add(Heading(f"{name}: `{result['checkpoint']}`"), _model_findings(result), condition_table(result["summary"]))
         samples = result.get("samples", {})
         if samples:
-            out += ["<details><summary>sample clean generations</summary>", ""]
-            out += [f"- {line}" for line in samples.get("harmful", []) + samples.get("benign", [])]
-            out += ["", "</details>", ""]
-    path.write_text("\n".join(out) + "\n")
+            doc.add(Details("sample clean generations", samples.get("harmful", []) + samples.get("benign", [])))
+    return doc
+
+
+def write_report(run_dir: Path, models: Mapping[str, Mapping[str, Any]], header: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Plot the robustness curves and write ``report.md`` and the self-contained ``report.html``."""
+    plot = run_dir / "robustness.png"
+    plot_robustness(plot, models)
+    return report_document(models, header, plot).write(run_dir, "report")
 
 
 def plot_robustness(path: Path, models: Mapping[str, Mapping[str, Any]]) -> None:

@@ -230,6 +230,37 @@ def robustness_curve_area(summary: dict[str, dict], metric: str = "harmful_refus
     return area / (points[-1][0] - points[0][0])
 
 
+def robust_sigma(summary: dict[str, dict], metric: str, level: float) -> Optional[float]:
+    """Largest σ up to which ``metric`` stays ≥ ``level`` at every σ of the grid (0.0: only clean;
+    None: not even clean)."""
+    if summary["clean"][metric]["mean"] < level:
+        return None
+    robust = 0.0
+    for sigma, value in sorted((v["sigma"], v[metric]["mean"]) for v in summary.values() if v["family"] == "weight_noise"):
+        if value < level:
+            break
+        robust = sigma
+    return robust
+
+
+def curve_area_interval(results: Sequence[ConditionResult], metric: str = "harmful_refusal_rate") -> dict[str, float]:
+    """Mean and 95% interval over noise seeds of the area under ``metric`` against σ.
+
+    Each seed's curve runs from the clean value through that seed's value at every σ.
+    """
+    clean = next(getattr(r, metric) for r in results if r.family == "clean")
+    by_seed: dict[int, list[tuple[float, float]]] = {}
+    for result in results:
+        if result.family == "weight_noise":
+            by_seed.setdefault(result.seed, []).append((result.sigma, getattr(result, metric)))
+    areas = []
+    for points in by_seed.values():
+        curve = [(0.0, clean)] + sorted(points)
+        area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(curve, curve[1:]))
+        areas.append(area / curve[-1][0])
+    return mean_interval(areas) if areas else mean_interval([clean])
+
+
 def as_dicts(results: Sequence[ConditionResult]) -> list[dict]:
     """JSON-ready rows of every condition."""
     return [asdict(r) for r in results]

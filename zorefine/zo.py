@@ -63,7 +63,7 @@ class ZOSettings:
     eps_mode: str = "absolute"
     num_directions: int = 1
     # "gaussian" (MeZO) or "rademacher" (±1 entries; cheaper to regenerate).
-    direction: str = "gaussian"
+    direction: str = "rademacher"
     optimizer: str = "sgd"
     momentum: float = 0.9
     adam_betas: tuple[float, float] = (0.9, 0.999)

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from zorefine.config import Stage
 from zorefine.judge import build_judge
 from zorefine.models.loading import write_json_atomic
 from zorefine.pipeline import Run
@@ -26,6 +27,8 @@ from zorefine.units import discover_units
 log = logging.getLogger(__name__)
 
 SELECTION_FILE = "selection.json"
+# Refine methods that read the analyzer's selection (zo_random reads its size and granularity).
+SELECTING_METHODS = ("zo", "zo_random")
 
 
 def probe_for(run: Run) -> Probe:
@@ -46,6 +49,10 @@ def probe_for(run: Run) -> Probe:
 def run(run: Run) -> dict[str, Any]:
     """Write ``sensitivity.json``, the heatmap ``sensitivity.png`` and ``selection.json``."""
     cfg = run.cfg.analyze
+    method = run.cfg.refine.method
+    if Stage.refine in {Stage(s) for s in run.cfg.stages} and method not in SELECTING_METHODS:
+        log.info("[analyze] skipped: refine.method=%s does not use a layer selection", method)
+        return {"skipped": f"refine.method={method} uses no selection"}
     started = time.perf_counter()
     checkpoint = run.aligned_checkpoint
     model, tokenizer = run.load_model(checkpoint)

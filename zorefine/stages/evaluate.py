@@ -13,14 +13,16 @@ from omegaconf import OmegaConf
 from zorefine.judge import build_judge
 from zorefine.models.loading import write_json_atomic
 from zorefine.pipeline import Run
-from zorefine.report import plot_robustness, write_report
+from zorefine.report import write_report
 from zorefine.robustness import (
     EvalSets,
     as_dicts,
     break_sigma,
     breaks_first_or_together,
+    curve_area_interval,
     evaluate_grid,
     rise_sigma,
+    robust_sigma,
     robustness_curve_area,
     subsample,
     summarize,
@@ -87,6 +89,9 @@ def evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: 
             "safety_loss_first_or_together": breaks_first_or_together(safety_loss_sigma, utility_loss_sigma),
         },
         "refusal_curve_area": robustness_curve_area(summary),
+        "refusal_curve_area_interval": curve_area_interval(results),
+        "robust_level": cfg.robust_level,
+        "robust_sigma": robust_sigma(summary, "harmful_refusal_rate", cfg.robust_level),
     }
 
 
@@ -117,7 +122,6 @@ def run(run: Run) -> dict[str, Any]:
     }
     metrics_path = run.run_dir / "metrics.json"
     write_json_atomic(metrics_path, metrics)
-    report_path = run.run_dir / "report.md"
     header = {
         "run directory": str(run.run_dir),
         "held-out prompts": metrics["num_prompts"],
@@ -128,11 +132,11 @@ def run(run: Run) -> dict[str, Any]:
     if "refine" in run.summaries:
         refine = run.summaries["refine"]
         header["refinement"] = f"{refine['steps']} ZO steps on layers {refine['layers']} ({refine['num_parameters']:,} parameters)"
-    write_report(report_path, models, header)
-    plot_robustness(run.run_dir / "robustness.png", models)
+    report_path, html_path = write_report(run.run_dir, models, header)
     return {
         "metrics": str(metrics_path),
         "report": str(report_path),
+        "report_html": str(html_path),
         "clean_refusal": {n: m["summary"]["clean"]["harmful_refusal_rate"]["mean"] for n, m in models.items()},
         "seconds": metrics["seconds"],
     }

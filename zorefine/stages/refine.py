@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from zorefine.curvature import CurvatureTracker
 from zorefine.errors import ConfigError
+from zorefine.first_order import FIRST_ORDER_METHODS, FORWARD_COST, FirstOrderSettings, FirstOrderTrainer
 from zorefine.models.layers import find_decoder_layers
 from zorefine.models.loading import save_checkpoint
 from zorefine.objectives import encode_batch, response_nll
@@ -53,6 +54,38 @@ def selection_for(run: Run, model: torch.nn.Module) -> Selection:
     if not path.is_file():
         raise ConfigError(f"no selection: {path} is missing; run analyze, or set refine.layers or refine.selection_file")
     return Selection.load(path)
+
+
+def selection_for_method(run: Run, model: torch.nn.Module) -> Selection:
+    """The units a ZO method refines: the analyzer's choice, every layer, or as many random units."""
+    cfg = run.cfg.refine
+    if cfg.method == "zo_full":
+        units = discover_units(model, "layer")
+        return Selection.of(units, "layer", SelectionPolicy("names", names=[u.name for u in units]), None)
+    chosen = selection_for(run, model)
+    if cfg.method != "zo_random":
+        return chosen
+    # The control for layer selection: as many units of the same granularity, chosen blindly.
+    candidates = discover_units(model, chosen.granularity)
+    rng = random.Random(f"{cfg.seed}:random-units")
+    picked = sorted(rng.sample(range(len(candidates)), len(chosen.units)))
+    units = [candidates[i] for i in picked]
+    return Selection.of(units, chosen.granularity, SelectionPolicy("names", names=[u.name for u in units]), "random")
+
+
+def step_cost(cfg) -> int:
+    """Forward-pass equivalents one step of ``cfg.method`` spends (a backward counts as two)."""
+    if cfg.method in FIRST_ORDER_METHODS:
+        return FORWARD_COST[cfg.method] * cfg.grad_accum
+    return (2 * cfg.num_directions + (cfg.unit_schedule == "curvature")) * cfg.grad_accum
+
+
+def steps_for(cfg) -> int:
+    """Steps of ``cfg.method`` within the budget: ``refine.budget`` forward passes, else what
+    ``refine.steps`` ZO steps of this configuration would spend (so baselines match ZO's cost)."""
+    zo_cfg = OmegaConf.merge(cfg, {"method": "zo"}) if cfg.method in FIRST_ORDER_METHODS else cfg
+    budget = cfg.budget if cfg.budget is not None else cfg.steps * step_cost(zo_cfg)
+    return budget // step_cost(cfg)
 
 
 def analyzer_curvature(run: Run) -> dict[str, float]:
@@ -127,7 +160,7 @@ def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
     """
 
     def settings(header: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in header.get("refine", {}).items() if k not in ("steps", "log_every", "prefix_cache", "store")}
+        return {k: v for k, v in header.get("refine", {}).items() if k not in ("steps", "budget", "log_every", "prefix_cache", "store")}
 
     def version(header: dict[str, Any]) -> int:
         return header.get("environment", {}).get("directions_version", 1)
@@ -154,12 +187,64 @@ def resume_records(engine: ZOEngine, log_path, header: dict[str, Any], max_steps
 
 
 def run(run: Run) -> dict[str, Any]:
-    """Refine, append each step to ``trajectory.jsonl``, write the refined checkpoint."""
-    cfg = run.cfg.refine
+    """Refine with ``refine.method`` and write the refined checkpoint.
+
+    ZO methods append each step to ``trajectory.jsonl`` (and resume from it); first-order
+    baselines train every parameter by backprop on the same per-step batches.
+    """
     started = time.perf_counter()
     checkpoint = run.aligned_checkpoint
     model, tokenizer = run.load_model(checkpoint)
-    selection = selection_for(run, model)
+    method = run.cfg.refine.method
+    summary = (_first_order(run, model, tokenizer) if method in FIRST_ORDER_METHODS else _zeroth_order(run, model, tokenizer))
+    out_dir = run.run_dir / REFINED_DIR
+    info = {"stage": "refine", "method": method, "base": str(checkpoint), "layers": summary["layers"]}
+    save_checkpoint(model, tokenizer, out_dir, info)
+    return {
+        "method": method,
+        "checkpoint": str(out_dir),
+        "base": str(checkpoint),
+        **summary,
+        "forward_passes": step_cost(run.cfg.refine) * summary["steps"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _first_order(run: Run, model, tokenizer) -> dict[str, Any]:
+    """A first-order baseline on every parameter, for the steps the budget allows."""
+    cfg = run.cfg.refine
+    steps = steps_for(cfg)
+    settings = FirstOrderSettings(cfg.method, cfg.fo_lr, cfg.fo_weight_decay, cfg.sam_rho, cfg.rwp_sigma)
+    params = dict(model.named_parameters())
+    trainer = FirstOrderTrainer(model, params, settings, seed=cfg.seed)
+    sample = batch_sampler(run)
+    losses: list[float] = []
+    progress = tqdm(range(steps), desc=f"refine ({cfg.method})")
+    for step in progress:
+        pairs = sample(step)
+        chunk = max(1, -(-len(pairs) // cfg.grad_accum))
+        batches = [encode_batch(tokenizer, pairs[i : i + chunk], run.cfg.data.max_length) for i in range(0, len(pairs), chunk)]
+        loss_fns = [functools.partial(response_nll, model, batch) for batch in batches]
+        losses.append(trainer.step(step, loss_fns))
+        progress.set_postfix(loss=f"{losses[-1]:.4f}")
+    trainer.release()
+    finite = [loss for loss in losses if loss == loss]
+    return {
+        "layers": sorted({u.layer for u in discover_units(model, "layer")}),
+        "num_parameters": sum(p.numel() for p in params.values()),
+        "steps": steps,
+        "skipped_steps": len(losses) - len(finite),
+        "first_loss": finite[0] if finite else None,
+        "last_loss": finite[-1] if finite else None,
+    }
+
+
+def _zeroth_order(run: Run, model, tokenizer) -> dict[str, Any]:
+    """ZO refinement of the method's selection, logged step by step (a killed run resumes)."""
+    cfg = run.cfg.refine
+    steps = steps_for(cfg)
+    checkpoint = run.aligned_checkpoint
+    selection = selection_for_method(run, model)
     layers, params = selection.layers, selection.resolve(model)
     unit_parameters = {unit.name: list(unit.params) for unit in selection.unit_objects(model)}
     tracker = None
@@ -179,17 +264,17 @@ def run(run: Run) -> dict[str, Any]:
         "environment": environment(),
     }
     log_path = run.run_dir / TRAJECTORY_FILE
-    records = resume_records(engine, log_path, header, cfg.steps)
+    records = resume_records(engine, log_path, header, steps)
     if tracker is not None:
         for record in records:
             _observe(tracker, record)
     sample = batch_sampler(run)
-    progress = tqdm(range(len(records), cfg.steps), desc="refine", initial=len(records), total=cfg.steps)
+    progress = tqdm(range(len(records), steps), desc="refine", initial=len(records), total=steps)
     with TrajectoryWriter(log_path, header, len(records)) as writer:
         for step in progress:
             loss_fn = step_objective(run, model, tokenizer, sample(step), step, cache)
-            lr = scheduled(cfg.lr, step, cfg.steps, cfg.lr_schedule)
-            eps = scheduled(cfg.eps, step, cfg.steps, cfg.eps_schedule, final_fraction=0.1)
+            lr = scheduled(cfg.lr, step, steps, cfg.lr_schedule)
+            eps = scheduled(cfg.eps, step, steps, cfg.eps_schedule, final_fraction=0.1)
             unit = tracker.choose(step_seed(cfg.seed + _UNIT_SEED_OFFSET, step)) if tracker is not None else None
             names = unit_parameters[unit] if unit is not None else None
             record = engine.step(step, step_seed(cfg.seed, step), lr, loss_fn, eps=eps, names=names, evaluate_clean=unit is not None)
@@ -199,21 +284,15 @@ def run(run: Run) -> dict[str, Any]:
             writer.append(record)
             records.append(record)
             progress.set_postfix(loss=f"{record.loss:.4f}", g=f"{record.projected_grad:+.3f}")
-    out_dir = run.run_dir / REFINED_DIR
-    info = {"stage": "refine", "base": str(checkpoint), "layers": layers, "trajectory": str(log_path)}
-    save_checkpoint(model, tokenizer, out_dir, info)
     losses = [r.loss for r in records if not r.skipped]
     return {
-        "checkpoint": str(out_dir),
-        "base": str(checkpoint),
         "layers": layers,
+        "units": selection.units,
         "num_parameters": engine.num_parameters,
         "steps": len(records),
         "skipped_steps": sum(r.skipped for r in records),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "trajectory": str(log_path),
-        "forward_passes": (2 * cfg.num_directions + (tracker is not None)) * cfg.grad_accum * len(records),
         **({"curvature": tracker.as_dict(), "reranked": tracker.ranking()} if tracker is not None else {}),
-        "seconds": round(time.perf_counter() - started, 1),
     }

@@ -1,0 +1,282 @@
+"""Compare runs: one table and plots from several run directories or a Hydra multirun.
+
+``zorefine-compare DIR [DIR ...] [--out OUT]``. Each DIR is a run directory (it holds
+``metrics.json``) or a directory of them (a Hydra multirun sweep). Every run contributes the
+model it refined ("after"); the first-order-aligned model it started from ("before") appears
+once per distinct checkpoint as the ``none`` row, the no-refinement baseline. Rows carry the
+forward-pass budget each method spent, so a budget sweep reads as gain against cost.
+
+Writes ``comparison.md``, ``comparison.html`` (self-contained), ``comparison.json``,
+``gain_vs_forwards.png`` and ``refusal_curves.png`` into OUT (default: the first DIR).
+Multiruns get this at the end of the sweep from :class:`CompareCallback` (set in conf/config.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from zorefine.document import Bullets, Document, Heading, Image, Paragraph, Table
+from zorefine.errors import DataError, ZorefineError
+from zorefine.models.loading import write_json_atomic
+from zorefine.report import _fmt
+from zorefine.robustness import mean_interval
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class Entry:
+    """One evaluated model of one run: a row of the comparison."""
+
+    label: str
+    method: str
+    run_dir: Path
+    forward_passes: int
+    steps: int
+    layers: list[int]
+    result: dict[str, Any]
+    overrides: list[str] = field(default_factory=list)
+    before_area: float | None = None  # the area of the model this one was refined from
+
+
+def find_runs(paths: Sequence[Path]) -> list[Path]:
+    """Run directories under ``paths``: each path itself, or its sub-directories (two levels) with metrics."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise DataError(f"{path} does not exist")
+        if (path / METRICS_FILE).is_file():
+            runs.append(path)
+            continue
+        found = sorted({p.parent for p in list(path.glob(f"*/{METRICS_FILE}")) + list(path.glob(f"*/*/{METRICS_FILE}"))}, key=_natural_key)
+        if not found:
+            raise DataError(f"{path}: no {METRICS_FILE} in it or in its sub-directories (did the evaluate stage run?)")
+        runs.extend(found)
+    return runs
+
+
+def _natural_key(path: Path) -> tuple:
+    """Hydra job directories 0, 1, ..., 10 in numeric order."""
+    return tuple(int(part) if part.isdigit() else part for part in path.parts)
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides of a Hydra job (what distinguishes sweep members)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [line[2:] for line in lines if line.startswith("- ")]
+
+
+def load_entries(run_dirs: Sequence[Path]) -> list[Entry]:
+    """The comparison rows: one ``none`` row per distinct starting checkpoint, then every refined model."""
+    entries: list[Entry] = []
+    befores: dict[str, Entry] = {}
+    for run_dir in run_dirs:
+        try:
+            metrics = json.loads((run_dir / METRICS_FILE).read_text())
+            models = metrics["models"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise DataError(f"{run_dir / METRICS_FILE} is not a zorefine metrics file ({exc})") from None
+        refine_summary = _stage_summary(run_dir, "refine")
+        overrides = _overrides(run_dir)
+        before = models.get("before") or models.get("model")
+        if before is not None and before["checkpoint"] not in befores:
+            befores[before["checkpoint"]] = Entry("none (alignment only)", "none", run_dir, 0, 0, [], before)
+        if "after" in models:
+            method = refine_summary.get("method") or metrics["config"]["refine"].get("method", "zo")
+            label = method + (f" [{', '.join(overrides)}]" if overrides else f" ({run_dir.name})")
+            entries.append(Entry(
+                label, method, run_dir, int(refine_summary.get("forward_passes", 0)), int(refine_summary.get("steps", 0)),
+                list(refine_summary.get("layers", [])), models["after"], overrides,
+                before_area=_area(before)["mean"] if before is not None else None,
+            ))
+    if not entries and not befores:
+        raise DataError("no evaluated models in the given runs")
+    return list(befores.values()) + entries
+
+
+def _stage_summary(run_dir: Path, stage: str) -> dict[str, Any]:
+    path = run_dir / f"{stage}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _area(result: dict[str, Any]) -> dict[str, float]:
+    return result.get("refusal_curve_area_interval") or mean_interval([result["refusal_curve_area"]])
+
+
+def _noise_mean(result: dict[str, Any], metric: str) -> float:
+    """``metric`` averaged over every noise level of the grid."""
+    values = [v[metric]["mean"] for v in result["summary"].values() if v["family"] == "weight_noise"]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _quantization_labels(entries: Sequence[Entry]) -> list[str]:
+    labels: list[str] = []
+    for entry in entries:
+        for key, value in entry.result["summary"].items():
+            if value["family"] == "quantization" and key not in labels:
+                labels.append(key)
+    return labels
+
+
+def comparison_rows(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
+    """Table header, table cells and the JSON records of every entry."""
+    quantized = _quantization_labels(entries)
+    header = ["model", "forward passes", "steps", "clean refusal ↑", "refusal area ↑ (95% CI)", "gain vs none",
+              "robust σ ↑", "ASR under noise ↓", *(f"refusal, {q} ↑" for q in quantized),
+              "over-refusal ↓", "utility loss ↓"]
+    rows, records = [], []
+    for entry in entries:
+        summary = entry.result["summary"]
+        area = _area(entry.result)
+        gain = None if entry.before_area is None else area["mean"] - entry.before_area
+        robust = entry.result.get("robust_sigma")
+        quant = {q: summary[q]["harmful_refusal_rate"] if q in summary else None for q in quantized}
+        record = {
+            "label": entry.label, "method": entry.method, "run_dir": str(entry.run_dir), "overrides": entry.overrides,
+            "forward_passes": entry.forward_passes, "steps": entry.steps, "layers": entry.layers,
+            "clean_refusal": summary["clean"]["harmful_refusal_rate"]["mean"],
+            "refusal_area": area, "gain": gain, "robust_sigma": robust,
+            "asr_under_noise": _noise_mean(entry.result, "attack_success_rate"),
+            "quantized_refusal": {q: (c["mean"] if c else None) for q, c in quant.items()},
+            "overrefusal": summary["clean"]["overrefusal_rate"]["mean"],
+            "utility_loss": summary["clean"]["utility_loss"]["mean"],
+        }
+        records.append(record)
+        rows.append([
+            entry.label, str(entry.forward_passes), str(entry.steps), f"{record['clean_refusal']:.3f}", _fmt(area),
+            "–" if gain is None else f"{gain:+.3f}", "–" if robust is None else f"{robust:g}",
+            f"{record['asr_under_noise']:.3f}", *(_fmt(c) if c else "–" for c in quant.values()),
+            _fmt(summary["clean"]["overrefusal_rate"]), f"{record['utility_loss']:.3f}",
+        ])
+    return header, rows, records
+
+
+def plot_gain_vs_forwards(path: Path, entries: Sequence[Entry]) -> None:
+    """Robustness gain (refusal-area change vs the unrefined model) against forward passes, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6.4, 4.2))
+    methods = sorted({e.method for e in entries if e.method != "none"})
+    for method in methods:
+        points = sorted((e.forward_passes, _area(e.result), e.before_area) for e in entries if e.method == method and e.before_area is not None)
+        if not points:
+            continue
+        xs = [x for x, _, _ in points]
+        gains = [a["mean"] - b for _, a, b in points]
+        errors = [[a["mean"] - a["low"] for _, a, _ in points], [a["high"] - a["mean"] for _, a, _ in points]]
+        axis.errorbar(xs, gains, yerr=errors, marker="o", capsize=3, label=method)
+    axis.axhline(0.0, color="gray", linewidth=0.8)
+    axis.set_xlabel("forward-pass equivalents spent (backward = 2 forwards)")
+    axis.set_ylabel("gain in refusal-curve area vs no refinement")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title("Robustness bought per forward pass")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_refusal_curves(path: Path, entries: Sequence[Entry]) -> None:
+    """Refusal rate against σ, one line per compared model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7.2, 4.4))
+    for entry in entries:
+        summary = entry.result["summary"]
+        points = [(0.0, summary["clean"])] + sorted(
+            ((v["sigma"], v) for v in summary.values() if v["family"] == "weight_noise"), key=lambda p: p[0]
+        )
+        style = "k--" if entry.method == "none" else "-"
+        axis.plot([s for s, _ in points], [v["harmful_refusal_rate"]["mean"] for _, v in points], style, marker=".", label=entry.label)
+    axis.set_xlabel("relative weight noise σ")
+    axis.set_ylabel("refusal rate (harmful, held out)")
+    axis.set_ylim(-0.02, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(paths: Sequence[Path], out_dir: Path | None = None) -> dict[str, Path]:
+    """Write the comparison of the runs under ``paths`` into ``out_dir``; returns the files written."""
+    run_dirs = find_runs(paths)
+    entries = load_entries(run_dirs)
+    out_dir = Path(out_dir) if out_dir is not None else Path(paths[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, rows, records = comparison_rows(entries)
+    gain_plot, curves_plot = out_dir / "gain_vs_forwards.png", out_dir / "refusal_curves.png"
+    plot_gain_vs_forwards(gain_plot, entries)
+    plot_refusal_curves(curves_plot, entries)
+    doc = Document("zorefine comparison")
+    doc.add(Bullets([f"**runs**: {len(run_dirs)} ({', '.join(str(r) for r in run_dirs[:4])}{' ...' if len(run_dirs) > 4 else ''})"]))
+    doc.add(Paragraph(
+        "Each refined model against the model it was refined from (none). Refusal area: area under the "
+        "harmful-refusal rate against relative weight noise σ, per unit σ, mean and 95% interval over noise "
+        "seeds; gain is its change vs none. Robust σ: the largest σ at which refusal stays at the robust level. "
+        "Forward passes count a backward as two forwards."
+    ))
+    doc.add(Table(header, rows))
+    doc.add(Heading("Gain against cost"), Image(gain_plot, "gain in refusal area against forward passes, per method"))
+    doc.add(Heading("Refusal curves"), Image(curves_plot, "refusal rate against σ per model"))
+    markdown_path, html_path = doc.write(out_dir, "comparison")
+    json_path = out_dir / "comparison.json"
+    write_json_atomic(json_path, {"runs": [str(r) for r in run_dirs], "rows": records})
+    return {"markdown": markdown_path, "html": html_path, "json": json_path, "gain_plot": gain_plot, "curves_plot": curves_plot}
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a core dependency
+    _HydraCallback = object
+
+
+class CompareCallback(_HydraCallback):
+    """Hydra callback: at the end of a multirun, compare every job of the sweep."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            written = compare([sweep_dir])
+        except ZorefineError as error:
+            log.warning("[compare] no comparison for %s: %s", sweep_dir, error)
+            return
+        log.info("[compare] %s", written["markdown"])
+        print(f"comparison: {written['markdown']} (and {written['html'].name})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``zorefine-compare DIR [DIR ...] [--out OUT]``."""
+    parser = argparse.ArgumentParser(prog="zorefine-compare", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories or directories of runs (Hydra multirun)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the comparison (default: the first DIR)")
+    args = parser.parse_args(argv)
+    try:
+        written = compare(args.runs, args.out)
+    except ZorefineError as error:
+        print(f"zorefine-compare: error: {error}", file=sys.stderr)
+        return 2
+    print(written["markdown"].read_text())
+    print(f"wrote {', '.join(str(p) for p in written.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
