@@ -70,7 +70,7 @@ class FirstOrderTrainer:
         for loss_fn in loss_fns:
             loss = loss_fn() / len(loss_fns)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         return total
 
     def step(self, step: int, loss_fns: Sequence[LossFn]) -> float:

@@ -1,0 +1,117 @@
+"""Refine baselines: each method runs in the same harness and spends the same forward budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_cfg
+from tests.tiny_models import tiny_model
+from zorefine.config import validate
+from zorefine.errors import ConfigError
+from zorefine.first_order import FirstOrderSettings, FirstOrderTrainer
+from zorefine.pipeline import Run
+from zorefine.stages import analyze, refine
+from zorefine.stages.refine import step_cost, steps_for
+
+
+def _weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def _changed(base_dir, run_dir) -> set[str]:
+    base, refined = _weights(base_dir), _weights(run_dir / "checkpoints" / "refined")
+    return {k for k in base if not torch.equal(base[k], refined[k])}
+
+
+@pytest.mark.parametrize(
+    "method, budget, expected_steps",
+    [("zo", None, 6), ("zo_full", None, 6), ("sft", None, 4), ("rwp", None, 4), ("sam", None, 2), ("sam", 13, 2), ("zo", 13, 6)],
+)
+def test_every_method_gets_the_same_forward_budget(method, budget, expected_steps):
+    cfg = make_cfg(None, **{"refine.method": method, "refine.steps": 6, "refine.budget": budget})
+    assert steps_for(cfg.refine) == expected_steps
+    # A step never costs more than the budget allows.
+    assert steps_for(cfg.refine) * step_cost(cfg.refine) <= (budget if budget is not None else 12)
+
+
+def test_budget_counts_directions_and_micro_batches():
+    cfg = make_cfg(None, **{"refine.num_directions": 2, "refine.grad_accum": 2, "refine.steps": 5})
+    assert step_cost(cfg.refine) == 8 and steps_for(cfg.refine) == 5
+    sft = make_cfg(None, **{"refine.method": "sft", "refine.num_directions": 2, "refine.grad_accum": 2, "refine.steps": 5})
+    assert step_cost(sft.refine) == 6 and steps_for(sft.refine) == 40 // 6
+
+
+@pytest.mark.parametrize("method", ["sft", "sam", "rwp"])
+def test_first_order_baselines_train_every_parameter_within_budget(micro_checkpoint, tmp_path, method):
+    cfg = make_cfg(micro_checkpoint, **{"refine.method": method, "refine.fo_lr": 1e-2, "refine.steps": 3})
+    summary = refine.run(Run(cfg, tmp_path))
+    assert summary["method"] == method and summary["steps"] == steps_for(cfg.refine)
+    assert summary["forward_passes"] <= 6  # what 3 ZO steps cost
+    assert summary["skipped_steps"] == 0 and summary["last_loss"] is not None
+    changed = _changed(micro_checkpoint, tmp_path)
+    assert any(".0." in k for k in changed) and any(".2." in k for k in changed)  # first and last layer
+
+
+def test_zo_full_refines_every_layer_and_needs_no_analysis(micro_checkpoint, tmp_path):
+    cfg = make_cfg(micro_checkpoint, **{"refine.method": "zo_full", "refine.lr": 1e-2, "refine.steps": 2, "stages": "[analyze,refine]"})
+    validate(cfg)  # no selection needed
+    assert analyze.run(Run(cfg, tmp_path))["skipped"]
+    summary = refine.run(Run(cfg, tmp_path))
+    assert summary["layers"] == [0, 1, 2] and summary["forward_passes"] == 4
+    assert {k.split(".")[2] for k in _changed(micro_checkpoint, tmp_path) if ".layers." in k or ".h." in k} == {"0", "1", "2"}
+
+
+def test_zo_random_refines_as_many_units_as_the_analyzer_chose_but_others(micro_checkpoint, tmp_path):
+    cfg = make_cfg(micro_checkpoint, **{"analyze.top_k": 1, "refine.lr": 1e-2})
+    run = Run(cfg, tmp_path)
+    analyze.run(run)
+    chosen = json.loads((tmp_path / "selection.json").read_text())["units"]
+    layers = set()
+    for seed in range(6):
+        random_cfg = make_cfg(micro_checkpoint, **{"analyze.top_k": 1, "refine.method": "zo_random", "refine.seed": seed})
+        random_run = Run(random_cfg, tmp_path / f"random{seed}")
+        (tmp_path / f"random{seed}" / "selection.json").write_text((tmp_path / "selection.json").read_text())
+        model, _ = random_run.load_model(micro_checkpoint)
+        selection = refine.selection_for_method(random_run, model)
+        assert len(selection.units) == len(chosen) and selection.rank_by == "random"
+        layers.update(selection.layers)
+    assert len(layers) > 1  # the seed, not the analyzer, decides
+
+
+def test_unknown_method_is_a_clear_config_error():
+    with pytest.raises(ConfigError, match="refine.method must be one of"):
+        validate(make_cfg(None, **{"refine.method": "adamw"}))
+
+
+def test_sam_gradient_is_taken_at_the_ascent_point_and_weights_return():
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ids = torch.arange(12).unsqueeze(0)
+    params = dict(model.named_parameters())
+    start = {n: p.detach().clone() for n, p in params.items()}
+    trainer = FirstOrderTrainer(model, params, FirstOrderSettings("sam", lr=0.0, sam_rho=0.5))
+
+    def loss() -> torch.Tensor:
+        return model(input_ids=ids, labels=ids).loss
+
+    trainer.step(0, [loss])
+    # lr=0: AdamW leaves the weights; the ascent move is undone up to rounding.
+    for name, param in params.items():
+        torch.testing.assert_close(param.detach(), start[name], rtol=0, atol=1e-6)
+    trainer.release()
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_non_finite_first_order_step_changes_nothing():
+    model = tiny_model("llama")
+    params = dict(model.named_parameters())
+    start = {n: p.detach().clone() for n, p in params.items()}
+    trainer = FirstOrderTrainer(model, params, FirstOrderSettings("sft", lr=1.0))
+    ids = torch.arange(12).unsqueeze(0)
+    result = trainer.step(0, [lambda: model(input_ids=ids, labels=ids).loss * float("nan")])
+    assert result != result
+    assert all(torch.equal(p, start[n]) for n, p in params.items())
