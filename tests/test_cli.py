@@ -133,3 +133,16 @@ def test_dataset_missing_a_split(llama_checkpoint, tmp_path):
     only_train.write_text("\n".join(l for l in TINY_SAFETY.read_text().splitlines() if '"split": "train"' in l) + "\n")
     args = ["stages=[analyze]", f"model.path={llama_checkpoint}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL, f"data.safety_file={only_train}"]
     _assert_one_clear_error(zorefine(*args, cwd=tmp_path), "no harmful examples in split 'val'")
+
+
+def test_multirun_sweep_ends_in_one_comparison(llama_checkpoint, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done = zorefine(
+        "-m", f"model.path={llama_checkpoint}", f"hydra.sweep.dir={sweep_dir}", *SMALL,
+        "stages=[refine,evaluate]", "refine.layers=[1]", "refine.steps=1,3", cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((sweep_dir / "comparison.json").read_text())["rows"]
+    assert [(r["method"], r["forward_passes"]) for r in rows] == [("none", 0), ("zo", 2), ("zo", 6)]
+    assert "refine.steps=3" in rows[2]["label"]
+    assert (sweep_dir / "comparison.html").is_file() and (sweep_dir / "gain_vs_forwards.png").is_file()

@@ -1,0 +1,112 @@
+"""Reports and comparisons: robust σ, per-seed intervals, HTML pages, zorefine-compare."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import make_cfg
+from zorefine.compare import compare, main as compare_main
+from zorefine.document import Bullets, Document, Image, Table
+from zorefine.errors import DataError
+from zorefine.pipeline import run_pipeline
+from zorefine.robustness import ConditionResult, curve_area_interval, robust_sigma
+
+
+def _cell(mean: float) -> dict:
+    return {"mean": mean, "low": mean, "high": mean, "n": 1}
+
+
+def _summary(clean: float, curve: dict[float, float]) -> dict:
+    summary = {"clean": {"family": "clean", "sigma": None, "harmful_refusal_rate": _cell(clean)}}
+    for sigma, value in curve.items():
+        summary[f"wnoise σ={sigma:g}"] = {"family": "weight_noise", "sigma": sigma, "harmful_refusal_rate": _cell(value)}
+    return summary
+
+
+def test_robust_sigma_is_the_last_sigma_before_refusal_first_drops_below_the_level():
+    assert robust_sigma(_summary(1.0, {0.2: 0.95, 0.4: 0.91, 0.6: 0.5, 0.8: 0.93}), "harmful_refusal_rate", 0.9) == 0.4
+    assert robust_sigma(_summary(1.0, {0.2: 0.8}), "harmful_refusal_rate", 0.9) == 0.0
+    assert robust_sigma(_summary(0.85, {0.2: 0.95}), "harmful_refusal_rate", 0.9) is None
+    assert robust_sigma(_summary(1.0, {0.2: 1.0, 0.4: 0.9}), "harmful_refusal_rate", 0.9) == 0.4
+
+
+def _result(family: str, sigma, seed, refusal: float) -> ConditionResult:
+    return ConditionResult("x", family, sigma, seed, refusal, 0, 0, 0, 0, 0, None, 0.0, 0.0)
+
+
+def test_curve_area_interval_is_over_the_per_seed_curves():
+    results = [_result("clean", None, None, 1.0)]
+    results += [_result("weight_noise", 0.5, s, v) for s, v in [(0, 1.0), (1, 0.0)]]
+    results += [_result("weight_noise", 1.0, s, v) for s, v in [(0, 1.0), (1, 0.0)]]
+    interval = curve_area_interval(results)
+    # Seed 0: flat at 1 → area 1. Seed 1: 1 → 0 at 0.5, then 0 → area 0.25.
+    assert interval["n"] == 2 and math.isclose(interval["mean"], 0.625)
+    assert interval["low"] < 0.25 and interval["high"] > 1.0
+
+
+def test_html_page_embeds_its_plots_and_escapes_text(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot = tmp_path / "p.png"
+    plt.plot([0, 1]), plt.savefig(plot), plt.close()
+    doc = Document("t", [Bullets(["**bold** <script>"]), Table(["a"], [["1 < 2"]]), Image(plot, "cap")])
+    markdown_path, html_path = doc.write(tmp_path, "report")
+    page = html_path.read_text()
+    assert "data:image/png;base64," in page and "<b>bold</b>" in page
+    assert "<script>" not in page and "1 &lt; 2" in page
+    assert "![cap](p.png)" in markdown_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, micro_tokenizer):
+    """Two evaluated micro runs from one start model: ZO on the analyzer's layer, and continued SFT."""
+    from tests.conftest import save_micro_checkpoint
+
+    root = tmp_path_factory.mktemp("sweep")
+    checkpoint = save_micro_checkpoint("llama", micro_tokenizer, root / "start")
+    common = {"evaluate.sigmas": "[0.1,0.3]", "evaluate.seeds": 2, "refine.lr": 1e-2, "refine.fo_lr": 1e-2}
+    zo = make_cfg(checkpoint, stages="[analyze,refine,evaluate]", **common)
+    sft = make_cfg(checkpoint, stages="[refine,evaluate]", **{**common, "refine.method": "sft"})
+    run_pipeline(zo, root / "0")
+    run_pipeline(sft, root / "1")
+    return root
+
+
+def test_compare_writes_one_table_with_the_unrefined_baseline_and_every_run(two_runs, tmp_path):
+    written = compare([two_runs], tmp_path)
+    rows = json.loads(written["json"].read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "zo", "sft"]
+    none, zo, sft = rows
+    assert none["forward_passes"] == 0 and zo["forward_passes"] == 6 and sft["forward_passes"] == 6
+    for row in (zo, sft):
+        assert math.isclose(row["gain"], row["refusal_area"]["mean"] - none["refusal_area"]["mean"])
+        assert row["refusal_area"]["n"] == 2
+    markdown = written["markdown"].read_text()
+    assert "none (alignment only)" in markdown and "refusal, rtn:int8" in markdown
+    assert "data:image/png;base64," in written["html"].read_text()
+    assert written["gain_plot"].stat().st_size > 0 and written["curves_plot"].stat().st_size > 0
+
+
+def test_compare_accepts_run_directories_one_by_one(two_runs, tmp_path, capsys):
+    assert compare_main([str(two_runs / "1"), str(two_runs / "0"), "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "comparison.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "sft", "zo"]
+    assert "| model |" in capsys.readouterr().out
+
+
+def test_compare_rejects_what_is_not_a_run(tmp_path, capsys):
+    with pytest.raises(DataError, match="does not exist"):
+        compare([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    assert compare_main([str(tmp_path / "empty")]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text("{}")
+    with pytest.raises(DataError, match="not a zorefine metrics file"):
+        compare([tmp_path / "bad"])
