@@ -225,3 +225,16 @@ def test_curvature_schedule_refines_one_unit_per_step_and_replays_and_resumes(mi
     assert [s.unit for s in read_trajectory(tmp_path / "killed" / "trajectory.jsonl")[1]] == [s.unit for s in steps]
     resumed = _weights(tmp_path / "killed" / "checkpoints" / "refined")
     assert all(torch.equal(resumed[k], refined[k]) for k in refined)
+
+
+def test_align_cache_aligns_once_for_a_sweep(micro_checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    first = align.run(Run(make_cfg(micro_checkpoint, **{"align.cache_dir": str(cache)}), tmp_path / "a"))
+    second = align.run(Run(make_cfg(micro_checkpoint, **{"align.cache_dir": str(cache), "refine.steps": 9}), tmp_path / "b"))
+    assert "cached_from" not in first and second["cached_from"].startswith(str(cache))
+    assert second["train_loss"] == first["train_loss"]
+    a, b = _weights(tmp_path / "a" / "checkpoints" / "aligned"), _weights(tmp_path / "b" / "checkpoints" / "aligned")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Anything the weights depend on makes a new entry.
+    third = align.run(Run(make_cfg(micro_checkpoint, **{"align.cache_dir": str(cache), "align.lr": 1e-3}), tmp_path / "c"))
+    assert "cached_from" not in third and len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2

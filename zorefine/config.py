@@ -90,6 +90,9 @@ class AlignConfig:
     seed: int = 0
     # Path to a DeepSpeed JSON config (see launch/); null = plain accelerate/torch.
     deepspeed: Optional[str] = None
+    # A directory where aligned checkpoints are kept by a hash of everything that makes them
+    # (start model, align settings, data): sweeps over later stages align once. null = off.
+    cache_dir: Optional[str] = None
 
 
 @dataclass

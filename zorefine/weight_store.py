@@ -6,10 +6,10 @@ Two stores, one interface:
   straight into the weight, and restoring is a copy. Fastest; costs 4 bytes per weight, and is
   the only choice for bf16/fp16 weights, whose own precision would lose small updates.
 - :class:`CompensatedShift` (fp32 weights only) moves the weight in place and keeps just what
-  rounding destroys: the low byte of each θ's bit pattern, plus the exact value of the rare
-  entries where ``|α·z|`` dwarfs ``|θ|``. Undoing a move by subtraction lands within a few
-  units in the last place of θ; the saved low byte says exactly where. Costs about 1 byte per
-  weight instead of 4, for a few more elementwise passes per move.
+  rounding destroys: the low 4 bits of each θ's bit pattern, plus the exact value of the
+  entries where ``|α·z|`` exceeds ``2|θ|``. Undoing a move by subtraction lands within 5
+  bit-pattern steps of θ; the saved 4 bits say exactly where. Costs about half a byte per
+  weight (plus 8 bytes per exception) instead of 4, for a few more elementwise passes per move.
 
 Every move streams the direction chunk by chunk (:class:`zorefine.perturb.Direction`), so no
 temporary the size of a tensor is made. Both stores produce bit-identical weights for the same
@@ -19,7 +19,6 @@ on an exact fp32 θ in both.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -30,11 +29,13 @@ from zorefine.perturb import Direction, scratch_buffer
 DirectionOf = Callable[[int], Direction]
 STORES = ("copy", "compensated")
 
-# A move of size |δ| ≤ 16·|θ| is undone by subtraction to within 34 bit-pattern steps of θ
-# (≤ 5 binades of rounding up, ≤ 1 down), well inside the ±127 one signed byte corrects.
-# Entries with larger relative moves (θ ≈ 0) are saved exactly instead.
-_RELATIVE_MOVE_LIMIT = 16.0
-_LOW_BYTE = 0 if sys.byteorder == "little" else 3
+# Why 4 bits suffice: for |δ| ≤ 2|θ|, s = fl(θ + δ) has |s| ≤ 3|θ|, at most 2 binades above θ,
+# so |fl(s − δ) − θ| ≤ ulp(s)/2 + ulp(t)/2 ≤ 2.5 ulp(θ): at most 2 bit-pattern steps within
+# θ's binade and 5 when the result drops into the binade below (steps there are half as
+# large). A signed 4-bit residue (−8..7) therefore pins θ down. Entries with larger relative
+# moves (θ ≈ 0) are saved exactly instead.
+_RELATIVE_MOVE_LIMIT = 2.0
+_NIBBLE = 0xF
 
 
 @dataclass
@@ -90,7 +91,7 @@ class MasterCopy:
 
 
 class CompensatedShift:
-    """An fp32 weight moved in place and restored bit for bit from about 1 byte per entry."""
+    """An fp32 weight moved in place and restored bit for bit from about half a byte per entry."""
 
     def __init__(self, param: torch.Tensor, direction_of: DirectionOf) -> None:
         if param.dtype != torch.float32 or not param.is_contiguous():
@@ -99,7 +100,7 @@ class CompensatedShift:
         self._flat = param.data.view(-1)
         self._bits = self._flat.view(torch.int32)
         self._offset: _Offset | None = None
-        self._low: torch.Tensor | None = None  # low bytes of θ; valid until θ changes
+        self._low: torch.Tensor | None = None  # low 4 bits of θ, two per byte; valid until θ changes
         self._exact_for: tuple[int, float] | None = None  # (seed, |alpha|) the exceptions cover
         # Per chunk: positions (within the chunk) and exact θ of entries moved too far to undo.
         self._exceptions: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -109,8 +110,24 @@ class CompensatedShift:
         self.settle()
         return self.param.data
 
-    def _low_bytes(self, start: int, end: int) -> torch.Tensor:
-        return self._flat[start:end].view(torch.uint8)[_LOW_BYTE::4]
+    def _nibbles(self, start: int, end: int) -> torch.Tensor:
+        """The low 4 bits of the current bit patterns of a chunk, as uint8."""
+        return (self._bits[start:end] & _NIBBLE).to(torch.uint8)
+
+    def _save_nibbles(self, start: int, end: int) -> None:
+        # Chunks start at multiples of 64, so entry pairs never straddle two chunks.
+        nibbles = self._nibbles(start, end)
+        packed = nibbles[0::2].clone()
+        packed[: nibbles.numel() // 2] |= nibbles[1::2] << 4
+        self._low[start // 2 : start // 2 + packed.numel()] = packed
+
+    def _saved_nibbles(self, start: int, end: int) -> torch.Tensor:
+        count = end - start
+        packed = self._low[start // 2 : start // 2 + (count + 1) // 2]
+        nibbles = torch.empty(count, dtype=torch.uint8, device=packed.device)
+        nibbles[0::2] = packed & _NIBBLE
+        nibbles[1::2] = (packed >> 4)[: count // 2]
+        return nibbles
 
     def _chunks_with_offset(self, seed: int) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor | None]]:
         """``(index, start, end, z(seed) chunk, z(current offset) chunk or None)``, in lockstep."""
@@ -128,9 +145,10 @@ class CompensatedShift:
         """Take the current offset off one chunk of the weight, landing on θ exactly."""
         assert self._offset is not None and self._low is not None
         self._flat[start:end].add_(z_old, alpha=-self._offset.alpha)
-        # Wrapping uint8 difference, read as signed: how many bit-pattern steps to θ.
-        correction = (self._low[start:end] - self._low_bytes(start, end)).view(torch.int8)
-        self._bits[start:end].add_(correction.to(torch.int32))
+        # The 4-bit difference, read as signed (−8..7): how many bit-pattern steps to θ.
+        correction = ((self._saved_nibbles(start, end) - self._nibbles(start, end)) & _NIBBLE).to(torch.int32)
+        correction -= (correction >= 8).to(torch.int32) << 4
+        self._bits[start:end].add_(correction)
         positions, values = self._exceptions[index]
         if positions.numel():
             self._flat[start:end][positions] = values
@@ -139,12 +157,13 @@ class CompensatedShift:
         """Save what a move of ``alpha·z`` from θ (this chunk's current value) would destroy."""
         assert self._low is not None
         theta = self._flat[start:end]
-        self._low[start:end] = self._low_bytes(start, end)
+        self._save_nibbles(start, end)
         count = end - start
         with scratch_buffer(theta.device) as limit, scratch_buffer(theta.device) as moved:
             torch.abs(theta, out=limit[:count]).mul_(_RELATIVE_MOVE_LIMIT)
             torch.abs(z, out=moved[:count]).mul_(abs(alpha))
-            positions = limit[:count].lt_(moved[:count]).nonzero().squeeze(1)
+            # int32 positions within the chunk: 8 bytes per exception with its value.
+            positions = limit[:count].lt_(moved[:count]).nonzero().squeeze(1).to(torch.int32)
         entry = (positions, theta[positions].clone())
         if index < len(self._exceptions):
             self._exceptions[index] = entry
@@ -154,7 +173,7 @@ class CompensatedShift:
     def shift(self, seed: int, alpha: float) -> None:
         """Set the weight to ``θ + alpha·z(seed)``, from whatever offset it had."""
         if self._low is None:
-            self._low = torch.empty(self._flat.numel(), dtype=torch.uint8, device=self._flat.device)
+            self._low = torch.empty((self._flat.numel() + 1) // 2, dtype=torch.uint8, device=self._flat.device)
             self._exact_for = None
         remember = self._exact_for != (seed, abs(alpha))
         for index, start, end, z, z_old in self._chunks_with_offset(seed):

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import random
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
+
+import torch
+from omegaconf import OmegaConf
 
 from zorefine.pipeline import ALIGNED_DIR, Run
 from zorefine.models.loading import save_checkpoint
@@ -21,6 +30,13 @@ def run(run: Run) -> dict[str, Any]:
         log.info("[align] disabled: starting from %s as it is", run.start_checkpoint)
         return {"enabled": False, "checkpoint": str(run.start_checkpoint)}
     started = time.perf_counter()
+    out_dir = run.run_dir / ALIGNED_DIR
+    cached = Path(cfg.cache_dir) / cache_key(run) if cfg.cache_dir else None
+    if cached is not None and (cached / _COMPLETE).is_file():
+        _link_tree(cached, out_dir)
+        log.info("[align] reused the aligned checkpoint cached at %s", cached)
+        summary = json.loads((cached / _COMPLETE).read_text())
+        return {**summary, "checkpoint": str(out_dir), "cached_from": str(cached), "seconds": round(time.perf_counter() - started, 1)}
     model, tokenizer = run.load_model(run.start_checkpoint)
     harmful = run.split("train", "harmful")
     benign = run.split("train", "benign")
@@ -38,14 +54,63 @@ def run(run: Run) -> dict[str, Any]:
         deepspeed=cfg.deepspeed,
     )
     metrics = run_sft(model, tokenizer, pairs, settings)
-    out_dir = run.run_dir / ALIGNED_DIR
     info = {"stage": "align", "base": str(run.start_checkpoint), "train_metrics": metrics}
     save_checkpoint(model, tokenizer, out_dir, info)
-    return {
+    summary = {
         "enabled": True,
         "checkpoint": str(out_dir),
         "base": str(run.start_checkpoint),
         "num_examples": len(pairs),
         "train_loss": metrics.get("train_loss"),
-        "seconds": round(time.perf_counter() - started, 1),
     }
+    if cached is not None:
+        _publish(out_dir, cached, summary)
+    return {**summary, "seconds": round(time.perf_counter() - started, 1)}
+
+
+# Written last into a cache entry: an entry without it is incomplete and ignored.
+_COMPLETE = "align-summary.json"
+
+
+def cache_key(run: Run) -> str:
+    """A hash of everything the aligned weights depend on."""
+    start = Path(run.start_checkpoint)
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in start.iterdir() if p.is_file())
+    align = {k: v for k, v in OmegaConf.to_container(run.cfg.align, resolve=True).items() if k != "cache_dir"}
+    payload = {
+        "start": str(start.resolve()),
+        "start_files": files,
+        "align": align,
+        "data": hashlib.sha256(Path(run.safety_file).read_bytes()).hexdigest(),
+        "max_length": run.cfg.data.max_length,
+        "dtype": run.cfg.model.dtype,
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard-link (or, across file systems, copy) a checkpoint directory."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, copy_function=link_or_copy)
+
+
+def _publish(out_dir: Path, cached: Path, summary: dict[str, Any]) -> None:
+    """Put a finished checkpoint into the cache atomically (concurrent jobs: first one wins)."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cached.parent))
+    _link_tree(out_dir, staging / "entry")
+    (staging / "entry" / _COMPLETE).write_text(json.dumps(summary))
+    try:
+        os.rename(staging / "entry", cached)
+    except OSError:
+        pass  # another job published the same entry first
+    shutil.rmtree(staging, ignore_errors=True)
