@@ -1,7 +1,8 @@
 """Benchmark: cost of one ZO step against one forward pass, zorefine vs a MeZO-faithful baseline.
 
 Prints one JSON object of ratios measured in this run (machines are noisy; ratios within one
-run are not):
+run are less so). Every step time is divided by a forward pass timed just before it, and the
+median of those paired ratios is reported, so slow drifts of a shared machine cancel.
 
 - ``step_over_forward``: seconds per ZO step ÷ seconds per plain forward pass of the batch;
 - ``regen_share``: share of the step spent outside forward passes (regenerating directions,
@@ -9,12 +10,13 @@ run are not):
 - ``speedup_vs_mezo``: MeZO-faithful step time ÷ zorefine step time, same selection and batch;
 - ``peak_memory_over_inference``: peak RSS while doing ZO steps ÷ peak RSS while doing
   forwards, each in a fresh subprocess (glibc's mmap threshold fixed at 64 KiB, so freed
-  blocks leave the RSS) and sampled only after the model is built. The default
-  store keeps an fp32 master copy of the selected tensors (exact restores), so a full-model
-  selection costs one extra copy of the weights; the compensated store about a quarter of one.
+  blocks leave the RSS) and sampled only after the model is built, with the default (±1)
+  directions. The default store keeps an fp32 master copy of the selected tensors (exact
+  restores), so a full-model selection costs one extra copy of the weights; the compensated
+  store about an eighth of one.
 - ``*_rademacher``: the same step with ±1 directions (cheaper to regenerate on CPU);
   ``*_compensated``: with ``store="compensated"`` (fp32 weights moved in place and restored
-  exactly from ~1 byte per weight instead of a 4-byte master copy);
+  exactly from ~half a byte per weight instead of a 4-byte master copy);
   ``*_cached``: with the unperturbed prefix computed once per step (prefix caching).
 
 The MeZO-faithful baseline follows Malladi et al. 2023: one global seed per step, each pass
@@ -83,6 +85,27 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _once(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def ratio_to(fn: Callable[[], object], reference: Callable[[], object], repeats: int) -> float:
+    """Median over ``repeats`` of (seconds of ``fn``) ÷ (seconds of ``reference`` run just before).
+
+    Pairing each measurement with an adjacent reference cancels the slow drifts of a shared
+    machine (other jobs, frequency changes) that separate medians would fold into the ratio.
+    """
+    fn(), reference()
+    ratios = []
+    for _ in range(repeats):
+        base = _once(reference)
+        ratios.append(_once(fn) / base)
+    return sorted(ratios)[len(ratios) // 2]
+
+
 def selection(model, which: str) -> dict[str, torch.nn.Parameter]:
     """"full": every parameter; "top_half": the decoder layers of the second half."""
     if which == "full":
@@ -126,37 +149,35 @@ def measure(model_name: str, batch: int, seq: int, repeats: int) -> dict[str, fl
 
     results: dict[str, float] = {}
     with torch.no_grad():
-        forward = timed(loss, repeats)
-    results["forward_seconds"] = forward
+        results["forward_seconds"] = timed(loss, repeats)
+    counter = iter(range(10**9))
+
+    def step_of(engine: ZOEngine, objective: Callable[[], float]) -> Callable[[], object]:
+        return lambda: engine.step(0, step_seed(0, next(counter)), 0.0, objective)
+
     for which in ("full", "top_half"):
         params = selection(model, which)
-        engine = ZOEngine(params, settings=ZOSettings(eps=1e-3, direction="gaussian"))
-        counter = iter(range(10**9))
-        ours = timed(lambda: engine.step(0, step_seed(0, next(counter)), 0.0, loss), repeats)
-        free = timed(lambda: engine.step(0, step_seed(0, next(counter)), 0.0, lambda: 0.0), repeats)
-        engine.restore()
         baseline = MeZOBaseline(params, eps=1e-3)
-        mezo = timed(lambda: baseline.step(0, next(counter), 0.0, loss), repeats)
-        results[f"{which}/step_over_forward"] = ours / forward
+        mezo = ratio_to(lambda: baseline.step(0, next(counter), 0.0, loss), loss, repeats)
+        results[f"{which}/mezo_step_over_forward"] = mezo
+        engine = ZOEngine(params, settings=ZOSettings(eps=1e-3, direction="gaussian"))
+        ours = ratio_to(step_of(engine, loss), loss, repeats)
+        free = ratio_to(step_of(engine, lambda: 0.0), loss, repeats)
+        engine.restore()
+        results[f"{which}/step_over_forward"] = ours
         results[f"{which}/regen_share"] = free / ours
-        results[f"{which}/mezo_step_over_forward"] = mezo / forward
         results[f"{which}/speedup_vs_mezo"] = mezo / ours
         first = len(find_decoder_layers(model)) // 2 if which == "top_half" else 0
-        for direction in ("gaussian", "rademacher"):
+        variants = [("gaussian", "copy"), ("rademacher", "copy"), ("rademacher", "compensated")]
+        for direction, store in variants:
             if first == 0 and direction == "gaussian":
                 continue  # measured above
-            variant = ZOEngine(params, settings=ZOSettings(eps=1e-3, direction=direction))
-            tag = f"{which}{'_cached' if first else ''}_{direction}"
-            seconds = timed(lambda: variant.step(0, step_seed(0, next(counter)), 0.0, _cached_loss(model, inputs, first)), repeats)
+            variant = ZOEngine(params, settings=ZOSettings(eps=1e-3, direction=direction, store=store))
+            tag = f"{which}{'_cached' if first else ''}_{direction}{'_compensated' if store == 'compensated' else ''}"
+            ratio = ratio_to(step_of(variant, _cached_loss(model, inputs, first)), loss, repeats)
             variant.restore()
-            results[f"{tag}/step_over_forward"] = seconds / forward
-            results[f"{tag}/speedup_vs_mezo"] = mezo / seconds
-        compensated = ZOEngine(params, settings=ZOSettings(eps=1e-3, direction="rademacher", store="compensated"))
-        tag = f"{which}{'_cached' if first else ''}_rademacher_compensated"
-        seconds = timed(lambda: compensated.step(0, step_seed(0, next(counter)), 0.0, _cached_loss(model, inputs, first)), repeats)
-        compensated.restore()
-        results[f"{tag}/step_over_forward"] = seconds / forward
-        results[f"{tag}/speedup_vs_mezo"] = mezo / seconds
+            results[f"{tag}/step_over_forward"] = ratio
+            results[f"{tag}/speedup_vs_mezo"] = mezo / ratio
     return results
 
 
@@ -212,7 +233,7 @@ def _peak_rss_child(model_name: str, batch: int, seq: int, mode: str) -> int:
                 model(**inputs)
         else:
             which, _, store = mode.partition(":")
-            engine = ZOEngine(selection(model, which), settings=ZOSettings(eps=1e-3, direction="gaussian", store=store or "copy"))
+            engine = ZOEngine(selection(model, which), settings=ZOSettings(eps=1e-3, store=store or "copy"))
             for step in range(3):
                 engine.step(step, step_seed(0, step), 1e-6, lambda: float(model(**inputs).loss))
     return rss.peak

@@ -119,11 +119,11 @@ def test_killed_refine_resumes_bit_identical(micro_checkpoint, tmp_path, monkeyp
     calls = {"n": 0}
     original = refine.response_nll
 
-    def dies_in_step_three(model, batch):
+    def dies_in_step_three(model, batch, weights=None):
         calls["n"] += 1
         if calls["n"] == 6:  # the first forward pass of step index 2
             raise KeyboardInterrupt
-        return original(model, batch)
+        return original(model, batch, weights)
 
     monkeypatch.setattr(refine, "response_nll", dies_in_step_three)
     with pytest.raises(KeyboardInterrupt):
@@ -211,11 +211,11 @@ def test_curvature_schedule_refines_one_unit_per_step_and_replays_and_resumes(mi
     calls = {"n": 0}
     original = refine.response_nll
 
-    def dies_in_step_five(model, batch):
+    def dies_in_step_five(model, batch, weights=None):
         calls["n"] += 1
         if calls["n"] == 13:  # 3 evaluations per step: the first of step index 4
             raise KeyboardInterrupt
-        return original(model, batch)
+        return original(model, batch, weights)
 
     monkeypatch.setattr(refine, "response_nll", dies_in_step_five)
     with pytest.raises(KeyboardInterrupt):
@@ -238,3 +238,21 @@ def test_align_cache_aligns_once_for_a_sweep(micro_checkpoint, tmp_path):
     # Anything the weights depend on makes a new entry.
     third = align.run(Run(make_cfg(micro_checkpoint, **{"align.cache_dir": str(cache), "align.lr": 1e-3}), tmp_path / "c"))
     assert "cached_from" not in third and len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_benign_weight_trades_the_utility_term_in_the_objective(micro_checkpoint, tmp_path):
+    from zorefine.objectives import encode_batch, response_nll
+
+    run = Run(make_cfg(micro_checkpoint, **{"refine.benign_weight": 0.0, "refine.batch_size": 4}), tmp_path)
+    model, tokenizer = run.load_model(micro_checkpoint)
+    batch = refine.batch_sampler(run)(0)
+    assert batch.weights == [1.0, 1.0, 0.0, 0.0]
+    (encoded, weights), = batch.micro_batches(tokenizer, 96, grad_accum=1)
+    harmful_only = encode_batch(tokenizer, batch.pairs[:2], 96)
+    with torch.no_grad():
+        weighted = response_nll(model, encoded, weights)
+        assert torch.allclose(weighted, response_nll(model, harmful_only), atol=1e-5)
+        # Unit weights are the plain token mean, bit for bit.
+        assert torch.equal(response_nll(model, encoded, torch.ones(4)), response_nll(model, encoded))
+    uniform = Run(make_cfg(micro_checkpoint, **{"refine.batch_size": 4}), tmp_path / "u")
+    assert refine.batch_sampler(uniform)(0).micro_batches(tokenizer, 96, 2)[0][1] is None

@@ -3,7 +3,7 @@
 ``zorefine-compare DIR [DIR ...] [--out OUT]``. Each DIR is a run directory (it holds
 ``metrics.json``) or a directory of them (a Hydra multirun sweep). Every run contributes the
 model it refined ("after"); the first-order-aligned model it started from ("before") appears
-once per distinct checkpoint as the ``none`` row, the no-refinement baseline. Rows carry the
+once per distinct set of measurements as the ``none`` row, the no-refinement baseline. Rows carry the
 forward-pass budget each method spent, so a budget sweep reads as gain against cost.
 
 Writes ``comparison.md``, ``comparison.html`` (self-contained), ``comparison.json``,
@@ -90,8 +90,11 @@ def load_entries(run_dirs: Sequence[Path]) -> list[Entry]:
         refine_summary = _stage_summary(run_dir, "refine")
         overrides = _overrides(run_dir)
         before = models.get("before") or models.get("model")
-        if before is not None and before["checkpoint"] not in befores:
-            befores[before["checkpoint"]] = Entry("none (alignment only)", "none", run_dir, 0, 0, [], before)
+        # Sweep jobs each hold their own copy of the same aligned model: one row per distinct
+        # set of measurements, not per path.
+        key = json.dumps(before["summary"], sort_keys=True) if before is not None else None
+        if before is not None and key not in befores:
+            befores[key] = Entry("none (alignment only)", "none", run_dir, 0, 0, [], before)
         if "after" in models:
             method = refine_summary.get("method") or metrics["config"]["refine"].get("method", "zo")
             label = method + (f" [{', '.join(overrides)}]" if overrides else f" ({run_dir.name})")

@@ -26,10 +26,19 @@ def _token_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[
     return token_nll, shifted_labels != IGNORE_INDEX
 
 
-def response_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean negative log-likelihood of the labelled (response) tokens of a batch."""
+def response_nll(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], example_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean negative log-likelihood of the labelled (response) tokens of a batch.
+
+    With ``example_weights`` (one per row) every token of row i counts ``example_weights[i]``
+    times in the mean: how the refiner trades the refusal term against the benign-utility term.
+    """
     token_nll, mask = _token_nll(model, batch)
-    return token_nll.sum() / mask.sum().clamp(min=1)
+    if example_weights is None:
+        return token_nll.sum() / mask.sum().clamp(min=1)
+    weights = example_weights.to(device=token_nll.device, dtype=token_nll.dtype).unsqueeze(1)
+    return (token_nll * weights).sum() / (mask * weights).sum().clamp(min=1e-12)
 
 
 def encode_batch(

@@ -194,7 +194,7 @@ class CompensatedShift:
         self._offset = None
 
     def _forget(self) -> None:
-        """θ changed: the saved low bytes and exceptions no longer describe it."""
+        """θ changed: the saved residues and exceptions no longer describe it."""
         self._low, self._exact_for = None, None
 
     def update_along(self, seed: int, coeff: float) -> None:

@@ -5,7 +5,7 @@ a seed derived from the direction seed and the tensor's name (:mod:`zorefine.per
 two tensors never share a direction and any tensor (or a process holding it) can perturb
 itself alone. Weights are written in place from an fp32 master copy of the selected tensors
 only (:class:`~zorefine.weight_store.MasterCopy`), or, for fp32 weights with
-``store="compensated"``, moved in place with about one byte per weight kept to undo the rounding
+``store="compensated"``, moved in place with about half a byte per weight kept to undo the rounding
 (:class:`~zorefine.weight_store.CompensatedShift`). Either way restores are exact (bit for bit),
 and bf16/fp16 models do not lose small updates.
 
@@ -69,7 +69,7 @@ class ZOSettings:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     # "copy": an fp32 master copy of the selected weights (fastest, 4 bytes per weight);
-    # "compensated": fp32 weights are moved in place and restored exactly from ~1 byte per
+    # "compensated": fp32 weights are moved in place and restored exactly from ~half a byte per
     # weight (for models where memory is the limit). Half-precision weights always keep a copy.
     store: str = "copy"
 
@@ -145,7 +145,7 @@ class ZOEngine:
             name: (tensor_rms(p) or 1.0) if self.settings.eps_mode == "relative" else 1.0
             for name, p in self.params.items()
         }
-        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.state: dict[str, dict[str, torch.Tensor | int]] = {}
         self.updates = 0
 
     @property
@@ -247,8 +247,11 @@ class ZOEngine:
         v = state.setdefault("v", torch.zeros_like(grad))
         m.mul_(beta1).add_(grad, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        m_hat = m / (1 - beta1**self.updates)
-        v_hat = v / (1 - beta2**self.updates)
+        # Per-tensor step count: with one unit per step (unit_schedule=curvature) a tensor is
+        # updated less often than the engine, and its bias correction must follow its own count.
+        count = state["count"] = state.get("count", 0) + 1
+        m_hat = m / (1 - beta1**count)
+        v_hat = v / (1 - beta2**count)
         return m_hat / (v_hat.sqrt() + s.adam_eps)
 
     @torch.no_grad()

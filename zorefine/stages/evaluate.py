@@ -45,10 +45,14 @@ def models_to_evaluate(run: Run) -> dict[str, Path]:
 
 
 def eval_sets(run: Run, limit: int | None) -> EvalSets:
-    """Held-out test prompts (never trained on), subsampled to ``limit`` per set (None: all)."""
+    """Held-out prompts (never trained on) of ``evaluate.split``, subsampled to ``limit`` per set (None: all).
+
+    Studies tune on ``val``; the ``test`` split is for the final numbers.
+    """
     limit = limit if limit is not None else 1 << 30
-    harmful = [(e.prompt, e.response) for e in run.split("test", "harmful")]
-    benign = [(e.prompt, e.response) for e in run.split("test", "benign")]
+    split = run.cfg.evaluate.split
+    harmful = [(e.prompt, e.response) for e in run.split(split, "harmful")]
+    benign = [(e.prompt, e.response) for e in run.split(split, "benign")]
     return EvalSets(
         harmful=subsample(harmful, limit, run.cfg.seed),
         benign=subsample(benign, limit, run.cfg.seed),
@@ -124,6 +128,7 @@ def run(run: Run) -> dict[str, Any]:
     write_json_atomic(metrics_path, metrics)
     header = {
         "run directory": str(run.run_dir),
+        "split": run.cfg.evaluate.split,
         "held-out prompts": metrics["num_prompts"],
         "threat grid": f"relative weight noise σ ∈ {list(run.cfg.evaluate.sigmas)} × {run.cfg.evaluate.seeds} seeds; "
         f"{', '.join(run.cfg.evaluate.quantization) or 'no quantization'}",

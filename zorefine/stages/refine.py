@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 import functools
 import json
 import logging
@@ -102,23 +103,49 @@ def _observe(tracker: CurvatureTracker, record) -> None:
         tracker.observe(record.unit, record.loss_plus, record.loss_minus, record.loss_clean, record.eps)
 
 
-def batch_sampler(run: Run) -> Callable[[int], list[tuple[str, str]]]:
-    """Per-step training batches: half harmful->refusal, half benign->answer, seeded by step."""
+@dataclass
+class StepBatch:
+    """One step's training pairs and the weight of each in the objective."""
+
+    pairs: list[tuple[str, str]]
+    weights: list[float]
+
+    def micro_batches(self, tokenizer, max_length: int, grad_accum: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+        """``grad_accum`` encoded micro-batches with their example weights (None: all weigh 1)."""
+        chunk = max(1, -(-len(self.pairs) // grad_accum))
+        uniform = all(w == 1.0 for w in self.weights)
+        return [
+            (
+                encode_batch(tokenizer, self.pairs[i : i + chunk], max_length),
+                None if uniform else torch.tensor(self.weights[i : i + chunk]),
+            )
+            for i in range(0, len(self.pairs), chunk)
+        ]
+
+
+def batch_sampler(run: Run) -> Callable[[int], StepBatch]:
+    """Per-step training batches: half harmful->refusal, half benign->answer, seeded by step.
+
+    Benign pairs weigh ``refine.benign_weight`` in the objective (1: every token counts the same).
+    """
     harmful = [(e.prompt, e.response) for e in run.split("train", "harmful")]
     benign = [(e.prompt, e.response) for e in run.split("train", "benign")]
     size = run.cfg.refine.batch_size
     seed = run.cfg.refine.seed
+    benign_weight = float(run.cfg.refine.benign_weight)
 
-    def sample(step: int) -> list[tuple[str, str]]:
+    def sample(step: int) -> StepBatch:
         rng = random.Random(f"{seed}:{step}")
         n_harmful = (size + 1) // 2
-        return rng.sample(harmful, min(n_harmful, len(harmful))) + rng.sample(benign, min(size - n_harmful, len(benign)))
+        chosen_harmful = rng.sample(harmful, min(n_harmful, len(harmful)))
+        chosen_benign = rng.sample(benign, min(size - n_harmful, len(benign)))
+        return StepBatch(chosen_harmful + chosen_benign, [1.0] * len(chosen_harmful) + [benign_weight] * len(chosen_benign))
 
     return sample
 
 
 def step_objective(
-    run: Run, model, tokenizer, pairs: list[tuple[str, str]], step: int, cache: PrefixCache | None = None
+    run: Run, model, tokenizer, batch: StepBatch, step: int, cache: PrefixCache | None = None
 ) -> Callable[[], float]:
     """The alignment loss of one step's batch, over ``grad_accum`` micro-batches.
 
@@ -128,8 +155,7 @@ def step_objective(
     computed once here and every evaluation of the returned closure runs only the rest.
     """
     cfg = run.cfg.refine
-    chunk = max(1, -(-len(pairs) // cfg.grad_accum))
-    batches = [encode_batch(tokenizer, pairs[i : i + chunk], run.cfg.data.max_length) for i in range(0, len(pairs), chunk)]
+    micro = batch.micro_batches(tokenizer, run.cfg.data.max_length, cfg.grad_accum)
     threat = None
     if cfg.objective_threat:
         threat = parse_threat(cfg.objective_threat)
@@ -139,12 +165,13 @@ def step_objective(
     # A threat on every decoder layer changes the prefix too: nothing to cache then.
     use_cache = cache is not None and cache.active and threat is None
     if use_cache:
-        cache.capture_prefix([functools.partial(_forward, model, b) for b in batches])
+        cache.capture_prefix([functools.partial(_forward, model, b) for b, _ in micro])
 
     def loss() -> float:
         with threatened(model, threat) if threat is not None else contextlib.nullcontext():
             with cache.replay() if use_cache else contextlib.nullcontext():
-                return sum(float(response_nll(model, b)) * b["input_ids"].shape[0] for b in batches) / len(pairs)
+                total = sum(float(response_nll(model, b, w)) * b["input_ids"].shape[0] for b, w in micro)
+                return total / len(batch.pairs)
 
     return loss
 
@@ -221,10 +248,8 @@ def _first_order(run: Run, model, tokenizer) -> dict[str, Any]:
     losses: list[float] = []
     progress = tqdm(range(steps), desc=f"refine ({cfg.method})")
     for step in progress:
-        pairs = sample(step)
-        chunk = max(1, -(-len(pairs) // cfg.grad_accum))
-        batches = [encode_batch(tokenizer, pairs[i : i + chunk], run.cfg.data.max_length) for i in range(0, len(pairs), chunk)]
-        loss_fns = [functools.partial(response_nll, model, batch) for batch in batches]
+        micro = sample(step).micro_batches(tokenizer, run.cfg.data.max_length, cfg.grad_accum)
+        loss_fns = [functools.partial(response_nll, model, b, w) for b, w in micro]
         losses.append(trainer.step(step, loss_fns))
         progress.set_postfix(loss=f"{losses[-1]:.4f}")
     trainer.release()
