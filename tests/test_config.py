@@ -26,7 +26,7 @@ def test_default_config_composes_and_validates():
     cfg = _compose()
     validate(cfg)
     assert [s.value for s in cfg.stages] == ["align", "analyze", "refine", "evaluate"]
-    assert cfg.model.path is None and cfg.refine.steps == 20
+    assert cfg.model.path is None and cfg.refine.steps == 200
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ class Entry:
     result: dict[str, Any]
     overrides: list[str] = field(default_factory=list)
     before_area: float | None = None  # the area of the model this one was refined from
+    seconds: float | None = None  # wall time of the refine stage
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:
@@ -74,7 +75,8 @@ def _overrides(run_dir: Path) -> list[str]:
     if not path.is_file():
         return []
     lines = [line.strip() for line in path.read_text().splitlines()]
-    return [line[2:] for line in lines if line.startswith("- ")]
+    # Hydra escapes ':' in the saved overrides; labels read better without the backslashes.
+    return [line[2:].replace("\\:", ":") for line in lines if line.startswith("- ")]
 
 
 def load_entries(run_dirs: Sequence[Path]) -> list[Entry]:
@@ -102,10 +104,23 @@ def load_entries(run_dirs: Sequence[Path]) -> list[Entry]:
                 label, method, run_dir, int(refine_summary.get("forward_passes", 0)), int(refine_summary.get("steps", 0)),
                 list(refine_summary.get("layers", [])), models["after"], overrides,
                 before_area=_area(before)["mean"] if before is not None else None,
+                seconds=refine_summary.get("seconds"),
             ))
     if not entries and not befores:
         raise DataError("no evaluated models in the given runs")
+    _label_by_differences(entries)
     return list(befores.values()) + entries
+
+
+def _label_by_differences(entries: list[Entry]) -> None:
+    """Label sweep members by the overrides that tell them apart (not the ones they all share)."""
+    if len(entries) < 2:
+        return
+    shared = set(entries[0].overrides).intersection(*(set(e.overrides) for e in entries[1:]))
+    for entry in entries:
+        distinct = [o for o in entry.overrides if o not in shared and not o.startswith("refine.method=")]
+        if entry.overrides:
+            entry.label = entry.method + (f" [{', '.join(distinct)}]" if distinct else "")
 
 
 def _stage_summary(run_dir: Path, stage: str) -> dict[str, Any]:
@@ -135,7 +150,7 @@ def _quantization_labels(entries: Sequence[Entry]) -> list[str]:
 def comparison_rows(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
     """Table header, table cells and the JSON records of every entry."""
     quantized = _quantization_labels(entries)
-    header = ["model", "forward passes", "steps", "clean refusal ↑", "refusal area ↑ (95% CI)", "gain vs none",
+    header = ["model", "forward passes", "steps", "refine s", "clean refusal ↑", "refusal area ↑ (95% CI)", "gain vs none",
               "robust σ ↑", "ASR under noise ↓", *(f"refusal, {q} ↑" for q in quantized),
               "over-refusal ↓", "utility loss ↓"]
     rows, records = [], []
@@ -147,17 +162,19 @@ def comparison_rows(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]
         quant = {q: summary[q]["harmful_refusal_rate"] if q in summary else None for q in quantized}
         record = {
             "label": entry.label, "method": entry.method, "run_dir": str(entry.run_dir), "overrides": entry.overrides,
-            "forward_passes": entry.forward_passes, "steps": entry.steps, "layers": entry.layers,
+            "forward_passes": entry.forward_passes, "steps": entry.steps, "layers": entry.layers, "seconds": entry.seconds,
             "clean_refusal": summary["clean"]["harmful_refusal_rate"]["mean"],
             "refusal_area": area, "gain": gain, "robust_sigma": robust,
             "asr_under_noise": _noise_mean(entry.result, "attack_success_rate"),
             "quantized_refusal": {q: (c["mean"] if c else None) for q, c in quant.items()},
+            "asr_by_condition": {key: value["attack_success_rate"] for key, value in summary.items()},
             "overrefusal": summary["clean"]["overrefusal_rate"]["mean"],
             "utility_loss": summary["clean"]["utility_loss"]["mean"],
         }
         records.append(record)
         rows.append([
-            entry.label, str(entry.forward_passes), str(entry.steps), f"{record['clean_refusal']:.3f}", _fmt(area),
+            entry.label, str(entry.forward_passes), str(entry.steps), "–" if entry.seconds is None else f"{entry.seconds:g}",
+            f"{record['clean_refusal']:.3f}", _fmt(area),
             "–" if gain is None else f"{gain:+.3f}", "–" if robust is None else f"{robust:g}",
             f"{record['asr_under_noise']:.3f}", *(_fmt(c) if c else "–" for c in quant.values()),
             _fmt(summary["clean"]["overrefusal_rate"]), f"{record['utility_loss']:.3f}",
@@ -175,13 +192,18 @@ def plot_gain_vs_forwards(path: Path, entries: Sequence[Entry]) -> None:
     fig, axis = plt.subplots(figsize=(6.4, 4.2))
     methods = sorted({e.method for e in entries if e.method != "none"})
     for method in methods:
-        points = sorted((e.forward_passes, _area(e.result), e.before_area) for e in entries if e.method == method and e.before_area is not None)
+        points = sorted(
+            ((e.forward_passes, _area(e.result), e.before_area) for e in entries if e.method == method and e.before_area is not None),
+            key=lambda point: point[0],
+        )
         if not points:
             continue
         xs = [x for x, _, _ in points]
         gains = [a["mean"] - b for _, a, b in points]
         errors = [[a["mean"] - a["low"] for _, a, _ in points], [a["high"] - a["mean"] for _, a, _ in points]]
-        axis.errorbar(xs, gains, yerr=errors, marker="o", capsize=3, label=method)
+        # A line reads as "more budget"; settings at the same budget are separate points.
+        line = "-" if len(set(xs)) == len(xs) else "none"
+        axis.errorbar(xs, gains, yerr=errors, marker="o", capsize=3, linestyle=line, label=method)
     axis.axhline(0.0, color="gray", linewidth=0.8)
     axis.set_xlabel("forward-pass equivalents spent (backward = 2 forwards)")
     axis.set_ylabel("gain in refusal-curve area vs no refinement")

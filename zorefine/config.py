@@ -134,14 +134,17 @@ class RefineConfig:
     # units), "sft" (continued first-order SFT), "sam" (sharpness-aware minimisation),
     # "rwp" (random-weight-perturbation training). First-order methods train every parameter.
     method: str = "zo"
-    steps: int = 20
+    # Chosen on the val split (experiments/README.md): 200 steps of lr 0.05 with ε = 0.5 × each
+    # tensor's RMS gave the largest robustness gain that kept clean refusal and utility.
+    steps: int = 200
     # Forward-pass equivalents to spend (a backward counts as two forwards); each method runs
     # budget // its cost per step steps. null = what `steps` ZO steps cost.
     budget: Optional[int] = None
-    lr: float = 1e-4
-    eps: float = 1e-3
-    # "absolute" ε, or "relative": ε × each tensor's RMS.
-    eps_mode: str = "absolute"
+    lr: float = 0.05
+    eps: float = 0.5
+    # "relative": ε × each tensor's RMS (a smoothing radius on the scale of the weight-noise
+    # threat), or "absolute" ε.
+    eps_mode: str = "relative"
     # n-SPSA: directions averaged per step (2 forward passes each).
     num_directions: int = 1
     # "rademacher" (±1 entries: one random bit each, ~6x cheaper to regenerate than a Gaussian on
