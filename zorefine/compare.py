@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from zorefine.document import Bullets, Document, Heading, Image, Paragraph, Table
 from zorefine.errors import DataError, ZorefineError
 from zorefine.models.loading import write_json_atomic
-from zorefine.report import _fmt
+from zorefine.report import format_interval
 from zorefine.robustness import mean_interval
 
 log = logging.getLogger(__name__)
@@ -174,10 +174,10 @@ def comparison_rows(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]
         records.append(record)
         rows.append([
             entry.label, str(entry.forward_passes), str(entry.steps), "–" if entry.seconds is None else f"{entry.seconds:g}",
-            f"{record['clean_refusal']:.3f}", _fmt(area),
+            f"{record['clean_refusal']:.3f}", format_interval(area),
             "–" if gain is None else f"{gain:+.3f}", "–" if robust is None else f"{robust:g}",
-            f"{record['asr_under_noise']:.3f}", *(_fmt(c) if c else "–" for c in quant.values()),
-            _fmt(summary["clean"]["overrefusal_rate"]), f"{record['utility_loss']:.3f}",
+            f"{record['asr_under_noise']:.3f}", *(format_interval(c) if c else "–" for c in quant.values()),
+            format_interval(summary["clean"]["overrefusal_rate"]), f"{record['utility_loss']:.3f}",
         ])
     return header, rows, records
 

@@ -20,7 +20,8 @@ ROWS = [
 ]
 
 
-def _fmt(cell: Mapping[str, float]) -> str:
+def format_interval(cell: Mapping[str, float]) -> str:
+    """``mean [low, high]`` of a summary cell (just the mean when the interval is empty; – for none)."""
     mean = cell["mean"]
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
@@ -32,7 +33,7 @@ def _fmt(cell: Mapping[str, float]) -> str:
 def condition_table(summary: Mapping[str, Mapping[str, Any]]) -> Table:
     """Conditions as columns, metrics as rows."""
     conditions = list(summary)
-    return Table(["metric", *conditions], [[title, *(_fmt(summary[c][key]) for c in conditions)] for key, title in ROWS])
+    return Table(["metric", *conditions], [[title, *(format_interval(summary[c][key]) for c in conditions)] for key, title in ROWS])
 
 
 def before_after_table(models: Mapping[str, Mapping[str, Any]]) -> Table:
@@ -42,8 +43,8 @@ def before_after_table(models: Mapping[str, Mapping[str, Any]]) -> Table:
     header = ["condition", *(f"refusal, {n}" for n in names), *(f"answered benign, {n}" for n in names)]
     rows = []
     for condition in conditions:
-        refusal = [_fmt(models[n]["summary"][condition]["harmful_refusal_rate"]) for n in names]
-        helpful = [_fmt(models[n]["summary"][condition]["benign_helpful_rate"]) for n in names]
+        refusal = [format_interval(models[n]["summary"][condition]["harmful_refusal_rate"]) for n in names]
+        helpful = [format_interval(models[n]["summary"][condition]["benign_helpful_rate"]) for n in names]
         rows.append([condition, *refusal, *helpful])
     return Table(header, rows)
 
@@ -57,7 +58,7 @@ def _model_findings(result: Mapping[str, Any]) -> Bullets:
     area = result.get("refusal_curve_area_interval") or {"mean": result["refusal_curve_area"], "n": 1}
     robust = result.get("robust_sigma")
     return Bullets([
-        f"area under the refusal-vs-σ curve (per unit σ): **{_fmt(area)}**",
+        f"area under the refusal-vs-σ curve (per unit σ): **{format_interval(area)}**",
         f"robust σ (refusal stays ≥ {result.get('robust_level', 0.9):g}): "
         + ("none: refusal is below the level even clean" if robust is None else f"**{robust:g}**"),
         f"refusal breaks (falls below {breaks['fraction']:g} × clean) at {_sigma_text(breaks['refusal_sigma'])}",
