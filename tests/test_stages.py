@@ -256,3 +256,18 @@ def test_benign_weight_trades_the_utility_term_in_the_objective(micro_checkpoint
         assert torch.equal(response_nll(model, encoded, torch.ones(4)), response_nll(model, encoded))
     uniform = Run(make_cfg(micro_checkpoint, **{"refine.batch_size": 4}), tmp_path / "u")
     assert refine.batch_sampler(uniform)(0).micro_batches(tokenizer, 96, 2)[0][1] is None
+
+
+def test_evaluation_cache_evaluates_a_checkpoint_once(micro_checkpoint, tmp_path):
+    cache = tmp_path / "eval-cache"
+    cfg = make_cfg(micro_checkpoint, **{"evaluate.cache_dir": str(cache)})
+    first_run, second_run = Run(cfg, tmp_path / "a"), Run(cfg, tmp_path / "b")
+    sets = evaluate.eval_sets(first_run, 4)
+    first = evaluate.evaluate_checkpoint(first_run, micro_checkpoint, sets, sets, "model")
+    second = evaluate.evaluate_checkpoint(second_run, micro_checkpoint, sets, sets, "model")
+    assert "cached_from" not in first and second["cached_from"].startswith(str(cache))
+    assert second["summary"] == json.loads(json.dumps(first["summary"]))
+    # Another evaluation setting is another entry.
+    other = Run(make_cfg(micro_checkpoint, **{"evaluate.cache_dir": str(cache), "evaluate.max_new_tokens": 5}), tmp_path / "c")
+    assert "cached_from" not in evaluate.evaluate_checkpoint(other, micro_checkpoint, sets, sets, "model")
+    assert len(list(cache.glob("*.json"))) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from zorefine.cache import checkpoint_fingerprint, content_key, file_digest
 from zorefine.pipeline import ALIGNED_DIR, Run
 from zorefine.models.loading import save_checkpoint
 from zorefine.sft import SFTSettings, run_sft
@@ -75,18 +75,18 @@ _COMPLETE = "align-summary.json"
 def cache_key(run: Run) -> str:
     """A hash of everything the aligned weights depend on."""
     start = Path(run.start_checkpoint)
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in start.iterdir() if p.is_file())
     align = {k: v for k, v in OmegaConf.to_container(run.cfg.align, resolve=True).items() if k != "cache_dir"}
-    payload = {
+    return content_key({
         "start": str(start.resolve()),
-        "start_files": files,
+        # Name, size and mtime only: the start model is never hard-linked, and its inode may
+        # change when a cache directory is copied between machines.
+        "start_files": [entry[:3] for entry in checkpoint_fingerprint(start)],
         "align": align,
-        "data": hashlib.sha256(Path(run.safety_file).read_bytes()).hexdigest(),
+        "data": file_digest(run.safety_file),
         "max_length": run.cfg.data.max_length,
         "dtype": run.cfg.model.dtype,
         "torch": torch.__version__,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    })
 
 
 def _link_tree(source: Path, target: Path) -> None:

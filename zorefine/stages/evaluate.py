@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
+from zorefine.cache import checkpoint_fingerprint, content_key, file_digest
+
+from zorefine.data import builtin_path
 from zorefine.judge import build_judge
 from zorefine.models.loading import write_json_atomic
 from zorefine.pipeline import Run
@@ -60,8 +65,41 @@ def eval_sets(run: Run, limit: int | None) -> EvalSets:
     )
 
 
+def evaluation_key(run: Run, checkpoint: Path) -> str:
+    """A hash of everything one checkpoint's evaluation depends on."""
+    cfg = {k: v for k, v in OmegaConf.to_container(run.cfg.evaluate, resolve=True).items() if k != "cache_dir"}
+    configured = run.cfg.data.overrefusal_file
+    overrefusal = "" if configured == "" else file_digest(configured or builtin_path("xstest_safe"))
+    return content_key({
+        "checkpoint": checkpoint_fingerprint(checkpoint),
+        "evaluate": cfg,
+        "data": file_digest(run.safety_file),
+        "overrefusal": overrefusal,
+        "seed": run.cfg.seed,
+        "max_length": run.cfg.data.max_length,
+        "model": {k: run.cfg.model[k] for k in ("dtype", "device")},
+        "torch": torch.__version__,
+    })
+
+
 def evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: EvalSets, name: str) -> dict[str, Any]:
-    """Every metric of one checkpoint under the configured grid, with break points."""
+    """Every metric of one checkpoint under the configured grid, with break points.
+
+    With ``evaluate.cache_dir`` a checkpoint already evaluated the same way (e.g. the aligned
+    model every job of a sweep starts from) is read back instead of evaluated again.
+    """
+    cfg = run.cfg.evaluate
+    cached = Path(cfg.cache_dir) / f"{evaluation_key(run, checkpoint)}.json" if cfg.cache_dir else None
+    if cached is not None and cached.is_file():
+        log.info("[evaluate] %s: reusing the evaluation cached at %s", name, cached)
+        return {**json.loads(cached.read_text()), "checkpoint": str(checkpoint), "cached_from": str(cached)}
+    result = _evaluate_checkpoint(run, checkpoint, sets, clean_sets, name)
+    if cached is not None:
+        write_json_atomic(cached, result)
+    return result
+
+
+def _evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: EvalSets, name: str) -> dict[str, Any]:
     cfg = run.cfg.evaluate
     model, tokenizer = run.load_model(checkpoint)
     grid = threat_grid(cfg.sigmas, cfg.seeds, cfg.quantization)
