@@ -24,8 +24,8 @@ from typing import Any, Sequence
 from zorefine.document import Bullets, Document, Heading, Image, Paragraph, Table
 from zorefine.errors import DataError, ZorefineError
 from zorefine.models.loading import write_json_atomic
-from zorefine.report import format_interval
-from zorefine.robustness import mean_interval
+from zorefine.report import format_interval, save_figure
+from zorefine.robustness import mean_interval, noise_curve
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +207,7 @@ def plot_gain_vs_forwards(path: Path, entries: Sequence[Entry]) -> None:
     axis.axhline(0.0, color="gray", linewidth=0.8)
     axis.set_xlabel("forward-pass equivalents spent (backward = 2 forwards)")
     axis.set_ylabel("gain in refusal-curve area vs no refinement")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    axis.set_title("Robustness bought per forward pass")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, axis, path, "Robustness bought per forward pass")
 
 
 def plot_refusal_curves(path: Path, entries: Sequence[Entry]) -> None:
@@ -224,20 +219,13 @@ def plot_refusal_curves(path: Path, entries: Sequence[Entry]) -> None:
 
     fig, axis = plt.subplots(figsize=(7.2, 4.4))
     for entry in entries:
-        summary = entry.result["summary"]
-        points = [(0.0, summary["clean"])] + sorted(
-            ((v["sigma"], v) for v in summary.values() if v["family"] == "weight_noise"), key=lambda p: p[0]
-        )
+        points = noise_curve(entry.result["summary"])
         style = "k--" if entry.method == "none" else "-"
         axis.plot([s for s, _ in points], [v["harmful_refusal_rate"]["mean"] for _, v in points], style, marker=".", label=entry.label)
     axis.set_xlabel("relative weight noise σ")
     axis.set_ylabel("refusal rate (harmful, held out)")
     axis.set_ylim(-0.02, 1.02)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, axis, path, "Refusal under weight noise, per compared model", legend_size=7)
 
 
 def compare(paths: Sequence[Path], out_dir: Path | None = None) -> dict[str, Path]:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from zorefine.robustness import noise_curve
 from zorefine.document import Bullets, Details, Document, Heading, Image, Paragraph, Table
 
 ROWS = [
@@ -107,9 +108,7 @@ def plot_robustness(path: Path, models: Mapping[str, Mapping[str, Any]]) -> None
     fig, axis = plt.subplots(figsize=(6.4, 4.2))
     for (name, result), color in zip(models.items(), ["tab:blue", "tab:red", "tab:green", "tab:purple"]):
         summary = result["summary"]
-        points = [(0.0, summary["clean"])] + sorted(
-            ((v["sigma"], v) for v in summary.values() if v["family"] == "weight_noise"), key=lambda p: p[0]
-        )
+        points = noise_curve(summary)
         sigmas = [s for s, _ in points]
         for metric, style, label in [("harmful_refusal_rate", "-", "refusal (harmful)"), ("benign_helpful_rate", "--", "answered (benign)")]:
             means = [v[metric]["mean"] for _, v in points]
@@ -120,9 +119,16 @@ def plot_robustness(path: Path, models: Mapping[str, Mapping[str, Any]]) -> None
     axis.set_xlabel("relative weight noise σ")
     axis.set_ylabel("rate on held-out prompts")
     axis.set_ylim(-0.02, 1.02)
+    save_figure(fig, axis, path, "Refusal under weight noise, before vs after refinement")
+
+
+def save_figure(fig, axis, path: Path, title: str, legend_size: int = 8) -> None:
+    """Grid, legend and title, then write ``path`` and free the figure."""
+    import matplotlib.pyplot as plt
+
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    axis.set_title("Refusal under weight noise, before vs after refinement")
+    axis.legend(fontsize=legend_size)
+    axis.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -222,12 +222,17 @@ def breaks_first_or_together(first: Optional[float], second: Optional[float]) ->
 
 def robustness_curve_area(summary: dict[str, dict], metric: str = "harmful_refusal_rate") -> float:
     """Trapezoid area under ``metric`` against σ, from σ=0 (clean) to the largest σ, per unit σ."""
-    points = [(0.0, summary["clean"][metric]["mean"])]
-    points += sorted((v["sigma"], v[metric]["mean"]) for v in summary.values() if v["family"] == "weight_noise")
+    points = [(sigma, cell[metric]["mean"]) for sigma, cell in noise_curve(summary)]
     if len(points) < 2:
         return points[0][1]
     area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
     return area / (points[-1][0] - points[0][0])
+
+
+def noise_curve(summary: dict[str, dict]) -> list[tuple[float, dict]]:
+    """``(σ, cell group)`` from σ = 0 (the clean condition) through every weight-noise level."""
+    noisy = sorted(((v["sigma"], v) for v in summary.values() if v["family"] == "weight_noise"), key=lambda p: p[0])
+    return [(0.0, summary["clean"])] + noisy
 
 
 def robust_sigma(summary: dict[str, dict], metric: str, level: float) -> Optional[float]:
