@@ -74,18 +74,22 @@ def selection_for_method(run: Run, model: torch.nn.Module) -> Selection:
     return Selection.of(units, chosen.granularity, SelectionPolicy("names", names=[u.name for u in units]), "random")
 
 
+def _zo_step_cost(cfg) -> int:
+    """Forward passes of one ZO step: 2 per direction (+1 for L(θ) under the curvature schedule)."""
+    return (2 * cfg.num_directions + (cfg.unit_schedule == "curvature")) * cfg.grad_accum
+
+
 def step_cost(cfg) -> int:
     """Forward-pass equivalents one step of ``cfg.method`` spends (a backward counts as two)."""
     if cfg.method in FIRST_ORDER_METHODS:
         return FORWARD_COST[cfg.method] * cfg.grad_accum
-    return (2 * cfg.num_directions + (cfg.unit_schedule == "curvature")) * cfg.grad_accum
+    return _zo_step_cost(cfg)
 
 
 def steps_for(cfg) -> int:
     """Steps of ``cfg.method`` within the budget: ``refine.budget`` forward passes, else what
     ``refine.steps`` ZO steps of this configuration would spend (so baselines match ZO's cost)."""
-    zo_cfg = OmegaConf.merge(cfg, {"method": "zo"}) if cfg.method in FIRST_ORDER_METHODS else cfg
-    budget = cfg.budget if cfg.budget is not None else cfg.steps * step_cost(zo_cfg)
+    budget = cfg.budget if cfg.budget is not None else cfg.steps * _zo_step_cost(cfg)
     return budget // step_cost(cfg)
 
 
@@ -255,7 +259,7 @@ def _first_order(run: Run, model, tokenizer) -> dict[str, Any]:
     trainer.release()
     finite = [loss for loss in losses if loss == loss]
     return {
-        "layers": sorted({u.layer for u in discover_units(model, "layer")}),
+        "layers": list(range(len(find_decoder_layers(model)))),
         "num_parameters": sum(p.numel() for p in params.values()),
         "steps": steps,
         "skipped_steps": len(losses) - len(finite),
