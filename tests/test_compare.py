@@ -110,3 +110,23 @@ def test_compare_rejects_what_is_not_a_run(tmp_path, capsys):
     (tmp_path / "bad" / "metrics.json").write_text("{}")
     with pytest.raises(DataError, match="not a zorefine metrics file"):
         compare([tmp_path / "bad"])
+
+
+def _record(method, overrides, gain, asr):
+    return {"method": method, "overrides": overrides, "gain": gain, "asr_under_noise": asr, "clean_refusal": 1.0,
+            "overrefusal": 0.3, "utility_loss": 7.0, "quantized_refusal": {"rtn:int4": 1.0}}
+
+
+def test_runs_differing_only_in_the_refinement_seed_pool_into_one_row_with_an_interval():
+    from zorefine.compare import pooled_rows
+
+    records = [_record("zo", [f"refine.seed={s}", "refine.lr=0.05"], g, a) for s, g, a in [(0, 0.01, 0.3), (1, 0.03, 0.2), (2, 0.02, 0.25)]]
+    records += [_record("zo", [f"refine.seed={s}", "refine.lr=0.1"], 0.05, 0.1) for s in (0, 1)]
+    records += [_record("sft", ["refine.method=sft", "refine.lr=0.05"], 0.0, 0.4)]  # no seed override: not pooled
+    header, rows, pooled = pooled_rows(records, "refine.seed")
+    assert [p["label"] for p in pooled] == ["zo [refine.lr=0.05]", "zo [refine.lr=0.1]"]
+    first, second = pooled
+    assert first["runs"] == 3 and math.isclose(first["gain"]["mean"], 0.02) and math.isclose(first["asr_under_noise"]["mean"], 0.25)
+    assert first["gain"]["low"] < 0.02 < first["gain"]["high"]
+    assert second["gain"]["low"] == second["gain"]["high"] == 0.05  # identical runs: an empty interval
+    assert len(rows) == 2 and len(header) == len(rows[0]) and header[-1] == "refusal, rtn:int4 ↑"

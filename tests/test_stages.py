@@ -108,7 +108,7 @@ def test_refine_touches_only_selected_layers_and_replays_exactly(micro_checkpoin
     old_header = json.loads(lines[0])
     old_header["environment"]["directions_version"] = 1
     (tmp_path / "old.jsonl").write_text("\n".join([json.dumps(old_header)] + lines[1:]) + "\n")
-    with pytest.raises(DataError, match="direction generator v1"):
+    with pytest.raises(DataError, match="update rule v1"):
         replay(micro_checkpoint, tmp_path / "old.jsonl", tmp_path / "replayed-old")
 
 

@@ -204,3 +204,20 @@ def test_rademacher_directions_are_signs_seeded_and_replayable(tmp_path):
     ids = torch.arange(8).unsqueeze(0)
     engine.step(0, 9, 0.0, lambda: model(input_ids=ids).logits.float().mean())
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sign"])
+def test_normalized_optimizers_step_relative_to_each_tensor_under_relative_eps(optimizer):
+    """Adam and sign steps have unit size per entry; relative ε must scale them per tensor like SGD."""
+    from zorefine.zo import ZOSettings
+
+    torch.manual_seed(0)
+    small = torch.nn.Parameter(torch.randn(8, 8) * 0.01)
+    large = torch.nn.Parameter(small.detach() * 100)
+    start_small, start_large = small.detach().clone(), large.detach().clone()
+    engine = ZOEngine({"small": small, "large": large}, settings=ZOSettings(eps=0.1, eps_mode="relative", optimizer=optimizer))
+    engine.step(0, step_seed(0, 0), 0.01, lambda: small.sum() + large.sum() / 100)
+    moved_small = float((small.detach() - start_small).abs().mean())
+    moved_large = float((large.detach() - start_large).abs().mean())
+    assert moved_small > 0
+    assert moved_large == pytest.approx(100 * moved_small, rel=1e-3)

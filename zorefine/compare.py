@@ -182,6 +182,43 @@ def comparison_rows(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]
     return header, rows, records
 
 
+POOLED_METRICS = ("gain", "asr_under_noise", "clean_refusal", "overrefusal", "utility_loss")
+
+
+def pooled_rows(records: Sequence[dict[str, Any]], key: str) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
+    """Rows that differ only in the override ``key`` (e.g. ``refine.seed``), pooled into one.
+
+    Each pooled metric is the mean and 95% t-interval over the pooled runs: the spread of the
+    refinement's own randomness, which a single-seed row hides. Settings run once are left out.
+    """
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for record in records:
+        if not any(o.startswith(key + "=") for o in record["overrides"]):
+            continue
+        setting = tuple(o for o in record["overrides"] if not o.startswith(key + "="))
+        groups.setdefault((record["method"], *setting), []).append(record)
+    quantized = sorted({q for r in records for q in r.get("quantized_refusal", {})})
+    header = ["setting", "runs", "gain in refusal area ↑", "ASR under noise ↓", "clean refusal ↑", "over-refusal ↓",
+              "utility loss ↓", *(f"refusal, {q} ↑" for q in quantized)]
+    rows, pooled = [], []
+    for (method, *setting), members in groups.items():
+        if len(members) < 2:
+            continue
+        cells = {metric: mean_interval([m[metric] for m in members]) for metric in POOLED_METRICS}
+        cells.update({q: mean_interval([m["quantized_refusal"].get(q) for m in members]) for q in quantized})
+        label = method + (f" [{', '.join(_shortest_distinct(setting, groups))}]" if setting else "")
+        pooled.append({"label": label, "method": method, "overrides": list(setting), "pooled_over": key,
+                       "runs": len(members), **cells})
+        rows.append([label, str(len(members)), *(format_interval(cells[m]) for m in (*POOLED_METRICS, *quantized))])
+    return header, rows, pooled
+
+
+def _shortest_distinct(setting: Sequence[str], groups: dict[tuple[str, ...], list[dict[str, Any]]]) -> list[str]:
+    """The overrides of ``setting`` that not every pooled group shares."""
+    shared = set.intersection(*(set(g[1:]) for g in groups))
+    return [o for o in setting if o not in shared and not o.startswith("refine.method=")]
+
+
 def plot_gain_vs_forwards(path: Path, entries: Sequence[Entry]) -> None:
     """Robustness gain (refusal-area change vs the unrefined model) against forward passes, per method."""
     import matplotlib
@@ -228,8 +265,12 @@ def plot_refusal_curves(path: Path, entries: Sequence[Entry]) -> None:
     save_figure(fig, axis, path, "Refusal under weight noise, per compared model", legend_size=7)
 
 
-def compare(paths: Sequence[Path], out_dir: Path | None = None) -> dict[str, Path]:
-    """Write the comparison of the runs under ``paths`` into ``out_dir``; returns the files written."""
+def compare(paths: Sequence[Path], out_dir: Path | None = None, pool: str | None = "refine.seed") -> dict[str, Path]:
+    """Write the comparison of the runs under ``paths`` into ``out_dir``; returns the files written.
+
+    Runs that differ only in the override ``pool`` (default ``refine.seed``) also get a pooled
+    table, one row per setting with intervals over those runs; None turns that off.
+    """
     run_dirs = find_runs(paths)
     entries = load_entries(run_dirs)
     out_dir = Path(out_dir) if out_dir is not None else Path(paths[0])
@@ -247,11 +288,17 @@ def compare(paths: Sequence[Path], out_dir: Path | None = None) -> dict[str, Pat
         "Forward passes count a backward as two forwards."
     ))
     doc.add(Table(header, rows))
+    pooled_header, pooled_table, pooled = pooled_rows(records, pool) if pool else ([], [], [])
+    if pooled:
+        doc.add(Heading(f"Pooled over {pool}"), Paragraph(
+            f"Runs that differ only in {pool}, one row per setting: mean and 95% interval over the runs "
+            "(the refinement's own randomness), each run itself averaged over noise seeds."
+        ), Table(pooled_header, pooled_table))
     doc.add(Heading("Gain against cost"), Image(gain_plot, "gain in refusal area against forward passes, per method"))
     doc.add(Heading("Refusal curves"), Image(curves_plot, "refusal rate against σ per model"))
     markdown_path, html_path = doc.write(out_dir, "comparison")
     json_path = out_dir / "comparison.json"
-    write_json_atomic(json_path, {"runs": [str(r) for r in run_dirs], "rows": records})
+    write_json_atomic(json_path, {"runs": [str(r) for r in run_dirs], "rows": records, "pooled": pooled})
     return {"markdown": markdown_path, "html": html_path, "json": json_path, "gain_plot": gain_plot, "curves_plot": curves_plot}
 
 
@@ -280,9 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zorefine-compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories or directories of runs (Hydra multirun)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the comparison (default: the first DIR)")
+    parser.add_argument("--pool", default="refine.seed",
+                        help="pool runs that differ only in this override into one row with intervals ('' turns it off)")
     args = parser.parse_args(argv)
     try:
-        written = compare(args.runs, args.out)
+        written = compare(args.runs, args.out, args.pool or None)
     except ZorefineError as error:
         print(f"zorefine-compare: error: {error}", file=sys.stderr)
         return 2

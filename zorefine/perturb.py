@@ -20,8 +20,10 @@ from typing import Iterator
 import torch
 
 _SEED_MASK = (1 << 63) - 1
-# Bumped whenever the numbers a seed produces change; replay refuses logs from another version.
-DIRECTIONS_VERSION = 2
+# Bumped whenever the weights a logged seed and gradient produce change (the direction
+# generator, or the update arithmetic: v3 scales Adam and sign steps by the tensor's RMS under
+# relative ε); replay refuses logs from another version.
+DIRECTIONS_VERSION = 3
 # Entries per chunk: small enough to stay in cache on CPU, large enough to keep GPU kernels busy.
 # Fixed per device type, because CUDA generators give different numbers for other chunkings.
 _CHUNK_BY_DEVICE_TYPE = {"cpu": 1 << 20}

@@ -48,7 +48,7 @@ def check_directions_version(header: dict[str, Any], source: object) -> None:
     logged = header.get("environment", {}).get("directions_version", 1)
     if logged != DIRECTIONS_VERSION:
         raise DataError(
-            f"{source}: made with direction generator v{logged}, this zorefine draws v{DIRECTIONS_VERSION}; "
+            f"{source}: made with direction generator / update rule v{logged}, this zorefine uses v{DIRECTIONS_VERSION}; "
             "replay or resume it with the zorefine release that wrote it"
         )
 

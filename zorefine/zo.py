@@ -27,6 +27,8 @@ from zorefine.weight_store import STORES, make_store
 
 _STEP_SEED_SPACE = 2**31 - 1
 OPTIMIZERS = ("sgd", "momentum", "adam", "sign")
+# Optimizers whose step size does not depend on the gradient's scale.
+NORMALIZED_OPTIMIZERS = ("adam", "sign")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -228,7 +230,13 @@ class ZOEngine:
                     for start, end, z in direction_of(direction_seed(seed, index)).chunks():
                         grad[start:end].add_(z, alpha=g * scale / len(grads))
                 grad = grad.view(self.params[name].shape)
-                store.update_by(self._optimizer_step(name, grad), -lr)
+                update = self._optimizer_step(name, grad)
+                if optimizer in NORMALIZED_OPTIMIZERS:
+                    # Adam and sign steps have unit size per entry whatever the gradient's scale,
+                    # so the tensor's scale is applied after them: under relative ε a step of
+                    # lr moves each weight by lr x its tensor's RMS, as it does for SGD.
+                    update = update.mul_(scale)
+                store.update_by(update, -lr)
 
     def _optimizer_step(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """The update direction for one tensor (its state lives only for selected tensors)."""
