@@ -34,7 +34,11 @@ def app(cfg: DictConfig) -> None:
         validate(cfg)
         from zorefine.pipeline import run_pipeline
 
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        from zorefine import distributed
+
+        # Under a launcher each process composes its own output directory (they may differ by
+        # the second in the default timestamped path): all use the main process's.
+        run_dir = Path(distributed.current().broadcast(HydraConfig.get().runtime.output_dir))
         log.info("run directory: %s", run_dir)
         summaries = run_pipeline(cfg, run_dir)
         if "evaluate" in summaries:

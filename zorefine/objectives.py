@@ -34,11 +34,23 @@ def response_nll(
     With ``example_weights`` (one per row) every token of row i counts ``example_weights[i]``
     times in the mean: how the refiner trades the refusal term against the benign-utility term.
     """
+    total, weight = response_nll_terms(model, batch, example_weights)
+    return total / weight.clamp(min=1 if example_weights is None else 1e-12)
+
+
+def response_nll_terms(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], example_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted sum of response-token NLLs and the total token weight of a batch.
+
+    Their ratio is :func:`response_nll`; kept apart, the terms of several micro-batches or of
+    several processes' shares add up to the loss of the whole batch, however it was split.
+    """
     token_nll, mask = _token_nll(model, batch)
     if example_weights is None:
-        return token_nll.sum() / mask.sum().clamp(min=1)
+        return token_nll.sum(), mask.sum().to(token_nll.dtype)
     weights = example_weights.to(device=token_nll.device, dtype=token_nll.dtype).unsqueeze(1)
-    return (token_nll * weights).sum() / (mask * weights).sum().clamp(min=1e-12)
+    return (token_nll * weights).sum(), (mask * weights).sum()
 
 
 def encode_batch(

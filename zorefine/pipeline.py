@@ -16,10 +16,11 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from zorefine import distributed
 from zorefine.config import STAGE_ORDER, Stage
 from zorefine.data import Example, builtin_path, load_examples, select
 from zorefine.errors import DataError
-from zorefine.models.loading import check_causal_lm_dir, load_causal_lm, write_json_atomic
+from zorefine.models.loading import check_causal_lm_dir, load_causal_lm, save_checkpoint, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,23 @@ class Run:
         _ = self.overrefusal_prompts
 
     def finish(self, stage: Stage, summary: dict[str, Any]) -> None:
-        """Record a finished stage; its JSON is the last thing it writes."""
-        write_json_atomic(self.marker(stage), summary)
+        """Record a finished stage; its JSON is the last thing it writes (by the main process)."""
+        if self.processes.is_main:
+            write_json_atomic(self.marker(stage), summary)
         self.summaries[stage.value] = summary
+        self.processes.barrier()
+
+    @property
+    def processes(self) -> distributed.Processes:
+        """The processes running this run (one, unless started by a launcher)."""
+        return distributed.current()
+
+    def save_checkpoint(self, model, tokenizer, out_dir: Path, info: dict[str, Any]) -> Path:
+        """Save a stage's checkpoint once (main process); the others wait until it is there."""
+        if self.processes.is_main:
+            save_checkpoint(model, tokenizer, out_dir, info)
+        self.processes.barrier()
+        return out_dir
 
 
 StageFn = Callable[[Run], dict[str, Any]]

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from zorefine import distributed
 from zorefine.generation import generate_responses
 from zorefine.judge import RefusalJudge, Verdict
 from zorefine.objectives import mean_response_nll
@@ -141,14 +142,22 @@ def evaluate_grid(
     ``clean_sets`` (default: ``sets``) lets the clean condition, the headline number and a
     single cell, use every held-out prompt while the threat grid uses a subsample.
     """
-    results = []
-    for condition in tqdm(grid, desc=desc):
+    processes = distributed.current()
+    # Conditions are independent and seeded: under a launcher each process measures its share.
+    progress = tqdm(total=len(processes.shard(grid)), desc=desc, disable=not processes.is_main)
+
+    def measure_condition(condition: Condition) -> ConditionResult:
         if condition.threat is None:
             clean = clean_sets or sets
-            results.append(measure(model, tokenizer, clean, judge, condition, max_new_tokens, batch_size, max_length, keep_samples=5))
-            continue
-        with threatened(model, condition.threat):
-            results.append(measure(model, tokenizer, sets, judge, condition, max_new_tokens, batch_size, max_length))
+            result = measure(model, tokenizer, clean, judge, condition, max_new_tokens, batch_size, max_length, keep_samples=5)
+        else:
+            with threatened(model, condition.threat):
+                result = measure(model, tokenizer, sets, judge, condition, max_new_tokens, batch_size, max_length)
+        progress.update()
+        return result
+
+    results = processes.map_sharded(grid, measure_condition)
+    progress.close()
     return results
 
 

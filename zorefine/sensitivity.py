@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from zorefine import distributed
 from zorefine.generation import generate_responses
 from zorefine.judge import RefusalJudge, Verdict
 from zorefine.objectives import mean_response_nll
@@ -190,38 +191,55 @@ def unit_sensitivity(
 
     ``judge=None`` skips generation (losses only, several times cheaper).
     """
+    processes = distributed.current()
+    # Every (family, unit, seed) trial is independent: under a launcher each process runs its
+    # share and the results are put back in the order one process would have produced them.
+    trials = [
+        (family_index, unit_index, seed)
+        for family_index, family in enumerate(families)
+        for unit_index in range(len(units))
+        for seed in (seeds if family.random else [None])
+    ]
     with ForwardCounter(model) as counter:
         clean = measure(model, tokenizer, probe, judge)
-        total = sum(len(units) * (len(seeds) if f.random else 1) for f in families)
-        progress = tqdm(total=total, desc="analyze", disable=not show_progress)
-        scores = []
-        for family in families:
-            family_seeds = seeds if family.random else [None]
-            for unit in units:
-                rises, drops, utility = [], [], []
-                for seed in family_seeds:
-                    threats = family.samples(seed if seed is not None else 0, antithetic)
-                    noisy = _trial(model, threats, unit, lambda: measure(model, tokenizer, probe, judge))
-                    rises.append(noisy.safety_loss - clean.safety_loss)
-                    utility.append(noisy.utility_loss - clean.utility_loss)
-                    if noisy.refusal_rate is not None and clean.refusal_rate is not None:
-                        drops.append(clean.refusal_rate - noisy.refusal_rate)
-                    progress.update()
-                scores.append(
-                    UnitThreatScore(
-                        unit=unit.name,
-                        layer=unit.layer,
-                        kind=unit.kind,
-                        num_parameters=unit.num_parameters,
-                        threat=family.label,
-                        safety_loss_rise=mean_interval(rises),
-                        refusal_drop=mean_interval(drops) if drops else None,
-                        utility_loss_rise=mean_interval(utility),
-                        trials=len(family_seeds),
-                    )
-                )
+        progress = tqdm(total=len(processes.shard(trials)), desc="analyze", disable=not (show_progress and processes.is_main))
+
+        def run_trial(trial: tuple[int, int, int | None]) -> Measure:
+            family_index, unit_index, seed = trial
+            threats = families[family_index].samples(seed if seed is not None else 0, antithetic)
+            noisy = _trial(model, threats, units[unit_index], lambda: measure(model, tokenizer, probe, judge))
+            progress.update()
+            return noisy
+
+        outcomes = dict(zip(trials, processes.map_sharded(trials, run_trial)))
         progress.close()
-    return Analysis(clean, scores, forward_passes=counter.count)
+    scores = []
+    for family_index, family in enumerate(families):
+        family_seeds = seeds if family.random else [None]
+        for unit_index, unit in enumerate(units):
+            noisy_trials = [outcomes[(family_index, unit_index, seed)] for seed in family_seeds]
+            rises = [noisy.safety_loss - clean.safety_loss for noisy in noisy_trials]
+            utility = [noisy.utility_loss - clean.utility_loss for noisy in noisy_trials]
+            drops = [
+                clean.refusal_rate - noisy.refusal_rate
+                for noisy in noisy_trials
+                if noisy.refusal_rate is not None and clean.refusal_rate is not None
+            ]
+            scores.append(
+                UnitThreatScore(
+                    unit=unit.name,
+                    layer=unit.layer,
+                    kind=unit.kind,
+                    num_parameters=unit.num_parameters,
+                    threat=family.label,
+                    safety_loss_rise=mean_interval(rises),
+                    refusal_drop=mean_interval(drops) if drops else None,
+                    utility_loss_rise=mean_interval(utility),
+                    trials=len(family_seeds),
+                )
+            )
+    forward_passes = int(processes.sum([counter.count])[0])
+    return Analysis(clean, scores, forward_passes=forward_passes)
 
 
 def zo_curvature(
@@ -240,18 +258,25 @@ def zo_curvature(
     clean one. Returns the mean and interval per unit, and the forward passes spent.
     """
     losses_only = replace(probe, benign=[])
+    processes = distributed.current()
+    trials = [(unit_index, seed) for unit_index in range(len(units)) for seed in seeds]
     with ForwardCounter(model) as counter:
         clean = measure(model, tokenizer, losses_only, None).safety_loss
-        curvature = {}
-        for unit in tqdm(units, desc="curvature", disable=not show_progress):
-            values = []
-            for seed in seeds:
-                noise = WeightNoise(sigma=eps, mode="relative", seed=seed)
-                pair = [noise, replace(noise, negate=True)]
-                averaged = _trial(model, pair, unit, lambda: measure(model, tokenizer, losses_only, None))
-                values.append(2.0 * (averaged.safety_loss - clean) / eps**2)
-            curvature[unit.name] = mean_interval(values)
-    return curvature, counter.count
+        progress = tqdm(total=len(processes.shard(trials)), desc="curvature", disable=not (show_progress and processes.is_main))
+
+        def run_trial(trial: tuple[int, int]) -> float:
+            unit_index, seed = trial
+            noise = WeightNoise(sigma=eps, mode="relative", seed=seed)
+            pair = [noise, replace(noise, negate=True)]
+            averaged = _trial(model, pair, units[unit_index], lambda: measure(model, tokenizer, losses_only, None))
+            progress.update()
+            return 2.0 * (averaged.safety_loss - clean) / eps**2
+
+        values = dict(zip(trials, processes.map_sharded(trials, run_trial)))
+        progress.close()
+    curvature = {unit.name: mean_interval([values[(i, seed)] for seed in seeds]) for i, unit in enumerate(units)}
+    forward_passes = int(processes.sum([counter.count])[0])
+    return curvature, forward_passes
 
 
 def unit_scores(analysis: Analysis, rank_by: str) -> dict[str, float]:

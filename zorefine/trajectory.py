@@ -79,8 +79,10 @@ def read_trajectory(path: Path) -> tuple[dict[str, Any] | None, list[ZOStepRecor
 class TrajectoryWriter:
     """Appends header and step lines, flushing each so a kill loses at most one step."""
 
-    def __init__(self, path: Path, header: dict[str, Any], existing_steps: int) -> None:
-        self.path = path
+    def __init__(self, path: Path, header: dict[str, Any], existing_steps: int, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:  # a process that is not the one keeping the log
+            return
         if existing_steps == 0:
             path.write_text(json.dumps({"type": "header", **header}) + "\n")
         else:
@@ -103,11 +105,14 @@ class TrajectoryWriter:
         self.path.write_text("\n".join(kept) + "\n")
 
     def append(self, record: ZOStepRecord) -> None:
+        if not self.enabled:
+            return
         self._file.write(json.dumps({"type": "step", **asdict(record)}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self.enabled:
+            self._file.close()
 
     def __enter__(self) -> "TrajectoryWriter":
         return self

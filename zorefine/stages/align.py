@@ -17,7 +17,6 @@ from omegaconf import OmegaConf
 
 from zorefine.cache import checkpoint_fingerprint, content_key, file_digest
 from zorefine.pipeline import ALIGNED_DIR, Run
-from zorefine.models.loading import save_checkpoint
 from zorefine.sft import SFTSettings, run_sft
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,9 @@ def run(run: Run) -> dict[str, Any]:
     out_dir = run.run_dir / ALIGNED_DIR
     cached = Path(cfg.cache_dir) / cache_key(run) if cfg.cache_dir else None
     if cached is not None and (cached / _COMPLETE).is_file():
-        _link_tree(cached, out_dir)
+        if run.processes.is_main:
+            _link_tree(cached, out_dir)
+        run.processes.barrier()
         log.info("[align] reused the aligned checkpoint cached at %s", cached)
         summary = json.loads((cached / _COMPLETE).read_text())
         return {**summary, "checkpoint": str(out_dir), "cached_from": str(cached), "seconds": round(time.perf_counter() - started, 1)}
@@ -55,7 +56,7 @@ def run(run: Run) -> dict[str, Any]:
     )
     metrics = run_sft(model, tokenizer, pairs, settings)
     info = {"stage": "align", "base": str(run.start_checkpoint), "train_metrics": metrics}
-    save_checkpoint(model, tokenizer, out_dir, info)
+    run.save_checkpoint(model, tokenizer, out_dir, info)
     summary = {
         "enabled": True,
         "checkpoint": str(out_dir),
@@ -63,7 +64,7 @@ def run(run: Run) -> dict[str, Any]:
         "num_examples": len(pairs),
         "train_loss": metrics.get("train_loss"),
     }
-    if cached is not None:
+    if cached is not None and run.processes.is_main:
         _publish(out_dir, cached, summary)
     return {**summary, "seconds": round(time.perf_counter() - started, 1)}
 

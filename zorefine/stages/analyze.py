@@ -73,7 +73,8 @@ def run(run: Run) -> dict[str, Any]:
     chosen = select_units(ranking, scores, {u.name: u.num_parameters for u in units}, policy)
     by_name = {u.name: u for u in units}
     selection = Selection.of([by_name[name] for name in chosen], cfg.granularity, policy, cfg.rank_by)
-    selection.save(run.run_dir / SELECTION_FILE)
+    if run.processes.is_main:
+        selection.save(run.run_dir / SELECTION_FILE)
 
     agreement = None
     if analysis.curvature and cfg.rank_by != "curvature":
@@ -101,9 +102,10 @@ def run(run: Run) -> dict[str, Any]:
         "selected_layers": selection.layers,
         "cost": {"forward_passes": analysis.forward_passes, "seconds": seconds},
     }
-    write_json_atomic(run.run_dir / "sensitivity.json", report)
-    metric = "refusal_drop" if cfg.rank_by == "refusal_drop" else "safety_loss_rise"
-    plot_heatmap(analysis, metric, chosen, run.run_dir / "sensitivity.png")
+    if run.processes.is_main:
+        write_json_atomic(run.run_dir / "sensitivity.json", report)
+        metric = "refusal_drop" if cfg.rank_by == "refusal_drop" else "safety_loss_rise"
+        plot_heatmap(analysis, metric, chosen, run.run_dir / "sensitivity.png")
     return {
         "checkpoint": str(checkpoint),
         "ranking": ranking,

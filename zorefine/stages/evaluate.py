@@ -94,7 +94,7 @@ def evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: 
         log.info("[evaluate] %s: reusing the evaluation cached at %s", name, cached)
         return {**json.loads(cached.read_text()), "checkpoint": str(checkpoint), "cached_from": str(cached)}
     result = _evaluate_checkpoint(run, checkpoint, sets, clean_sets, name)
-    if cached is not None:
+    if cached is not None and run.processes.is_main:
         write_json_atomic(cached, result)
     return result
 
@@ -163,7 +163,8 @@ def run(run: Run) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
     }
     metrics_path = run.run_dir / "metrics.json"
-    write_json_atomic(metrics_path, metrics)
+    if run.processes.is_main:
+        write_json_atomic(metrics_path, metrics)
     header = {
         "run directory": str(run.run_dir),
         "split": run.cfg.evaluate.split,
@@ -175,7 +176,9 @@ def run(run: Run) -> dict[str, Any]:
     if "refine" in run.summaries:
         refine = run.summaries["refine"]
         header["refinement"] = f"{refine['steps']} ZO steps on layers {refine['layers']} ({refine['num_parameters']:,} parameters)"
-    report_path, html_path = write_report(run.run_dir, models, header)
+    report_path, html_path = run.run_dir / "report.md", run.run_dir / "report.html"
+    if run.processes.is_main:
+        report_path, html_path = write_report(run.run_dir, models, header)
     return {
         "metrics": str(metrics_path),
         "report": str(report_path),

@@ -21,8 +21,9 @@ from zorefine.curvature import CurvatureTracker
 from zorefine.errors import ConfigError
 from zorefine.first_order import FIRST_ORDER_METHODS, FORWARD_COST, FirstOrderSettings, FirstOrderTrainer
 from zorefine.models.layers import find_decoder_layers
-from zorefine.models.loading import save_checkpoint
-from zorefine.objectives import encode_batch, response_nll
+from zorefine import distributed
+from zorefine.distributed import Processes
+from zorefine.objectives import encode_batch, response_nll, response_nll_terms
 from zorefine.pipeline import REFINED_DIR, Run
 from zorefine.prefix_cache import PrefixCache
 from zorefine.replay import apply_records, settings_from_config
@@ -114,6 +115,10 @@ class StepBatch:
     pairs: list[tuple[str, str]]
     weights: list[float]
 
+    def shard(self, processes: Processes) -> "StepBatch":
+        """This process's share of the batch (data-parallel ZO: each process scores its share)."""
+        return StepBatch(processes.shard(self.pairs), processes.shard(self.weights))
+
     def micro_batches(self, tokenizer, max_length: int, grad_accum: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
         """``grad_accum`` encoded micro-batches with their example weights (None: all weigh 1)."""
         chunk = max(1, -(-len(self.pairs) // grad_accum))
@@ -153,13 +158,16 @@ def step_objective(
 ) -> Callable[[], float]:
     """The alignment loss of one step's batch, over ``grad_accum`` micro-batches.
 
-    With ``refine.objective_threat`` the loss is that of the threatened model; the threat's
+    The loss is the weighted mean over every response token of the batch. Under a launcher
+    each process scores its share and only the two sums behind the mean are added across
+    processes, so every process gets the same loss as one process scoring the whole batch. With ``refine.objective_threat`` the loss is that of the threatened model; the threat's
     seed is fixed for the step, so the + and − passes see the same noise sample. With an
     active ``cache`` (no layer below its first layer is refined) the unperturbed prefix is
     computed once here and every evaluation of the returned closure runs only the rest.
     """
     cfg = run.cfg.refine
-    micro = batch.micro_batches(tokenizer, run.cfg.data.max_length, cfg.grad_accum)
+    processes = distributed.current()
+    micro = batch.shard(processes).micro_batches(tokenizer, run.cfg.data.max_length, cfg.grad_accum)
     threat = None
     if cfg.objective_threat:
         threat = parse_threat(cfg.objective_threat)
@@ -174,8 +182,9 @@ def step_objective(
     def loss() -> float:
         with threatened(model, threat) if threat is not None else contextlib.nullcontext():
             with cache.replay() if use_cache else contextlib.nullcontext():
-                total = sum(float(response_nll(model, b, w)) * b["input_ids"].shape[0] for b, w in micro)
-                return total / len(batch.pairs)
+                terms = [response_nll_terms(model, b, w) for b, w in micro]
+                total, weight = processes.sum([sum(float(t) for t, _ in terms), sum(float(w) for _, w in terms)])
+                return total / max(weight, 1e-12)
 
     return loss
 
@@ -230,7 +239,7 @@ def run(run: Run) -> dict[str, Any]:
     summary = (_first_order(run, model, tokenizer) if method in FIRST_ORDER_METHODS else _zeroth_order(run, model, tokenizer))
     out_dir = run.run_dir / REFINED_DIR
     info = {"stage": "refine", "method": method, "base": str(checkpoint), "layers": summary["layers"]}
-    save_checkpoint(model, tokenizer, out_dir, info)
+    run.save_checkpoint(model, tokenizer, out_dir, info)
     return {
         "method": method,
         "checkpoint": str(out_dir),
@@ -294,12 +303,15 @@ def _zeroth_order(run: Run, model, tokenizer) -> dict[str, Any]:
     }
     log_path = run.run_dir / TRAJECTORY_FILE
     records = resume_records(engine, log_path, header, steps)
+    # Every process has read the log before the main process rewrites its tail.
+    run.processes.barrier()
     if tracker is not None:
         for record in records:
             _observe(tracker, record)
     sample = batch_sampler(run)
-    progress = tqdm(range(len(records), steps), desc="refine", initial=len(records), total=steps)
-    with TrajectoryWriter(log_path, header, len(records)) as writer:
+    progress = tqdm(range(len(records), steps), desc="refine", initial=len(records), total=steps, disable=not run.processes.is_main)
+    # Every process takes the same steps; the log is written once.
+    with TrajectoryWriter(log_path, header, len(records), enabled=run.processes.is_main) as writer:
         for step in progress:
             loss_fn = step_objective(run, model, tokenizer, sample(step), step, cache)
             lr = scheduled(cfg.lr, step, steps, cfg.lr_schedule)
