@@ -178,6 +178,10 @@ class RefineConfig:
     unit_schedule: str = "joint"
     # A selection.json to reuse (e.g. from an earlier run); null = this run's analyze output.
     selection_file: Optional[str] = None
+    # A DeepSpeed JSON (e.g. launch/deepspeed/zero3.json) for ZO methods: with ZeRO stage 3 the
+    # model's parameters are partitioned across processes and each process perturbs and updates
+    # its own partition (for models that do not fit one device). null = whole copies.
+    deepspeed: Optional[str] = None
     log_every: int = 5
     # First-order baselines: AdamW learning rate and weight decay, SAM radius (absolute), RWP
     # noise (relative to each tensor's RMS, as in the threat grid).
@@ -279,6 +283,10 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.refine.batch_size >= 1, "refine.batch_size must be >= 1")
     _require(cfg.refine.eps_mode in ("absolute", "relative"), "refine.eps_mode must be 'absolute' or 'relative'")
     _require(cfg.refine.num_directions >= 1, "refine.num_directions must be >= 1")
+    _require(
+        cfg.refine.deepspeed is None or cfg.refine.objective_threat is None,
+        "refine.objective_threat cannot be combined with refine.deepspeed (a threat writes whole weights; partitions hold slices)",
+    )
     _require(cfg.refine.unit_schedule in ("joint", "curvature"), "refine.unit_schedule must be 'joint' or 'curvature'")
     _require(cfg.refine.store in ("copy", "compensated"), "refine.store must be 'copy' or 'compensated'")
     _require(cfg.refine.direction in ("gaussian", "rademacher"), "refine.direction must be 'gaussian' or 'rademacher'")

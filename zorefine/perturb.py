@@ -87,27 +87,46 @@ class Direction:
         shape: the tensor's shape.
         device: where to draw it.
         seed: the tensor's seed (see :func:`tensor_seed`).
+        window: ``(offset, length)``: only entries ``offset .. offset+length`` of the flattened
+            tensor, re-indexed from 0 (a ZeRO-3 partition; entries past the tensor's end are
+            padding and get no direction). The numbers are those of the whole direction.
     """
 
-    def __init__(self, kind: str, shape: torch.Size | tuple[int, ...], device: torch.device, seed: int) -> None:
+    def __init__(
+        self,
+        kind: str,
+        shape: torch.Size | tuple[int, ...],
+        device: torch.device,
+        seed: int,
+        window: tuple[int, int] | None = None,
+    ) -> None:
         if kind not in DIRECTIONS:
             raise ValueError(f"direction must be one of {sorted(DIRECTIONS)}, got {kind!r}")
         self.kind, self.shape, self.device, self.seed = kind, torch.Size(shape), torch.device(device), int(seed)
-        self.numel = self.shape.numel()
+        self.window = window
+        full_numel = self.shape.numel()
+        self._first, self.numel = window if window is not None else (0, full_numel)
+        self._last = min(self._first + self.numel, full_numel)  # entries past it are padding
 
     def chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(start, end, z[start:end])`` over the flattened tensor, in order.
+        """``(start, end, z[start:end])`` over the flattened tensor (or window), in order.
 
         Each chunk lives in a shared scratch buffer that the next chunk overwrites: use it
-        before advancing the iterator.
+        before advancing the iterator. A window still draws the chunks before it (one random
+        stream per tensor), so a partition costs the draw of everything up to its end.
         """
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed)
         step = chunk_size(self.device)
+        first, last = self._first, self._last
         with _SCRATCH.buffer(self.device) as scratch:
-            for start in range(0, self.numel, step):
-                end = min(start + step, self.numel)
-                yield start, end, self._fill(scratch, end - start, generator)
+            for start in range(0, last, step):
+                end = min(start + step, self.shape.numel())
+                z = self._fill(scratch, end - start, generator)
+                if end <= first:
+                    continue
+                low, high = max(start, first), min(end, last)
+                yield low - first, high - first, z[low - start : high - start]
 
     def _fill(self, scratch: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
         if self.kind == "gaussian":
@@ -123,10 +142,10 @@ class Direction:
 
     def full(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole direction as a new tensor (the chunks laid end to end)."""
-        out = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        out = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         for start, end, chunk in self.chunks():
             out[start:end].copy_(chunk)
-        out = out.view(self.shape)
+        out = out.view(self.shape) if self.window is None else out
         return out if dtype in (None, torch.float32) else out.to(dtype)
 
 

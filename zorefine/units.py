@@ -17,6 +17,7 @@ from torch import nn
 
 from zorefine.errors import ConfigError
 from zorefine.models.layers import find_decoder_layers, layer_submodules
+from zorefine.partitions import num_entries
 
 GRANULARITIES = ("layer", "module", "tensor")
 
@@ -34,7 +35,7 @@ class Unit:
     @property
     def num_parameters(self) -> int:
         """How many scalar weights the unit holds."""
-        return sum(p.numel() for p in self.params.values())
+        return sum(num_entries(p) for p in self.params.values())
 
 
 def discover_units(model: nn.Module, granularity: str = "layer") -> list[Unit]:

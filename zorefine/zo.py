@@ -22,7 +22,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from zorefine.perturb import DIRECTIONS, Direction, tensor_rms, tensor_seed
+from zorefine import distributed
+from zorefine.partitions import local_entries, whole_rms
+from zorefine.perturb import DIRECTIONS, Direction, tensor_seed
 from zorefine.weight_store import STORES, make_store
 
 _STEP_SEED_SPACE = 2**31 - 1
@@ -138,14 +140,18 @@ class ZOEngine:
         if eps is not None:
             self.settings.eps = float(eps)
         self.params = dict(params)
+        # What each process holds of each tensor: all of it, or its ZeRO-3 partition.
+        self.local = {name: local_entries(p) for name, p in self.params.items()}
         self.stores = {
-            name: make_store(self.settings.store, p, self._direction_of(name, p)) for name, p in self.params.items()
+            name: make_store(self.settings.store, self.local[name].tensor, self._direction_of(name))
+            for name in self.params
         }
         # Per-tensor perturbation scale: 1 (absolute ε) or the tensor's RMS at the start
         # (relative ε), fixed for the run so replay can recompute it from the base weights.
+        processes = distributed.current()
         self.scales = {
-            name: (tensor_rms(p) or 1.0) if self.settings.eps_mode == "relative" else 1.0
-            for name, p in self.params.items()
+            name: (whole_rms(self.local[name], processes) or 1.0) if self.settings.eps_mode == "relative" else 1.0
+            for name in self.params
         }
         self.state: dict[str, dict[str, torch.Tensor | int]] = {}
         self.updates = 0
@@ -153,12 +159,16 @@ class ZOEngine:
     @property
     def num_parameters(self) -> int:
         """How many scalar weights the engine refines."""
-        return sum(p.numel() for p in self.params.values())
+        return sum(entries.shape.numel() for entries in self.local.values())
 
-    def _direction_of(self, name: str, param: torch.Tensor) -> Callable[[int], Direction]:
-        """The direction of tensor ``name`` for a direction seed (fp32, on the tensor's device)."""
-        kind, shape, device = self.settings.direction, param.shape, param.device
-        return lambda seed: Direction(kind, shape, device, tensor_seed(seed, name))
+    def _direction_of(self, name: str) -> Callable[[int], Direction]:
+        """The direction of tensor ``name`` for a direction seed (fp32, on the tensor's device).
+
+        On a ZeRO-3 partition it is the partition's window of the whole tensor's direction.
+        """
+        entries = self.local[name]
+        kind, shape, device, window = self.settings.direction, entries.shape, entries.tensor.device, entries.window()
+        return lambda seed: Direction(kind, shape, device, tensor_seed(seed, name), window)
 
     def theta(self, name: str) -> torch.Tensor:
         """The exact fp32 value of a selected tensor (settles its weight first if needed)."""
@@ -224,12 +234,13 @@ class ZOEngine:
                 # The common case in one pass: no gradient tensor is materialised.
                 store.update_along(seed, -lr * grads[0] * scale)
             else:
-                direction_of = self._direction_of(name, self.params[name])
-                grad = torch.zeros(self.params[name].numel(), dtype=torch.float32, device=self.params[name].device)
+                direction_of = self._direction_of(name)
+                local = self.local[name].tensor
+                grad = torch.zeros(local.numel(), dtype=torch.float32, device=local.device)
                 for index, g in enumerate(grads):
                     for start, end, z in direction_of(direction_seed(seed, index)).chunks():
                         grad[start:end].add_(z, alpha=g * scale / len(grads))
-                grad = grad.view(self.params[name].shape)
+                grad = grad.view(local.shape)
                 update = self._optimizer_step(name, grad)
                 if optimizer in NORMALIZED_OPTIMIZERS:
                     # Adam and sign steps have unit size per entry whatever the gradient's scale,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from zorefine.errors import ConfigError, ModelError
+from zorefine.partitions import num_entries
 
 __all__ = [
     "DecoderLayers",
@@ -62,7 +63,7 @@ class DecoderLayers:
 
 def _count_parameters(module: nn.Module) -> int:
     # named_parameters deduplicates shared tensors, so a tied weight is counted once.
-    return sum(p.numel() for p in module.parameters())
+    return sum(num_entries(p) for p in module.parameters())
 
 
 def find_decoder_layers(model: nn.Module) -> DecoderLayers:

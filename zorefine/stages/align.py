@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from zorefine.cache import checkpoint_fingerprint, content_key, file_digest
+from zorefine.partitions import gathered
 from zorefine.pipeline import ALIGNED_DIR, Run
 from zorefine.sft import SFTSettings, run_sft
 
@@ -56,7 +57,9 @@ def run(run: Run) -> dict[str, Any]:
     )
     metrics = run_sft(model, tokenizer, pairs, settings)
     info = {"stage": "align", "base": str(run.start_checkpoint), "train_metrics": metrics}
-    run.save_checkpoint(model, tokenizer, out_dir, info)
+    # Under ZeRO-3 the trained weights are partitioned: gather them to save one whole checkpoint.
+    with gathered(model):
+        run.save_checkpoint(model, tokenizer, out_dir, info)
     summary = {
         "enabled": True,
         "checkpoint": str(out_dir),

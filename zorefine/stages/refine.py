@@ -25,6 +25,7 @@ from zorefine import distributed
 from zorefine.distributed import Processes
 from zorefine.objectives import encode_batch, response_nll, response_nll_terms
 from zorefine.pipeline import REFINED_DIR, Run
+from zorefine.partitions import gathered, is_partitioned, partition_model
 from zorefine.prefix_cache import PrefixCache
 from zorefine.replay import apply_records, settings_from_config
 from zorefine.selection import Selection, SelectionPolicy
@@ -236,10 +237,13 @@ def run(run: Run) -> dict[str, Any]:
     checkpoint = run.aligned_checkpoint
     model, tokenizer = run.load_model(checkpoint)
     method = run.cfg.refine.method
+    if run.cfg.refine.deepspeed and method not in FIRST_ORDER_METHODS:
+        model = partition_model(model, run.cfg.refine.deepspeed)
     summary = (_first_order(run, model, tokenizer) if method in FIRST_ORDER_METHODS else _zeroth_order(run, model, tokenizer))
     out_dir = run.run_dir / REFINED_DIR
     info = {"stage": "refine", "method": method, "base": str(checkpoint), "layers": summary["layers"]}
-    run.save_checkpoint(model, tokenizer, out_dir, info)
+    with gathered(model):
+        run.save_checkpoint(model, tokenizer, out_dir, info)
     return {
         "method": method,
         "checkpoint": str(out_dir),
@@ -290,8 +294,10 @@ def _zeroth_order(run: Run, model, tokenizer) -> dict[str, Any]:
         tracker = CurvatureTracker(list(unit_parameters), prior=analyzer_curvature(run))
     refine_cfg = OmegaConf.to_container(cfg, resolve=True)
     engine = ZOEngine(params, settings=settings_from_config(refine_cfg))
-    # Layers below the first selected one are never perturbed: their output can be cached.
-    cache = PrefixCache(model, min(layers), keep_all=False) if cfg.prefix_cache else None
+    # Layers below the first selected one are never perturbed: their output can be cached
+    # (not with ZeRO-3, whose own hooks gather each layer's weights as it runs).
+    partitioned = any(is_partitioned(p) for p in params.values())
+    cache = PrefixCache(model, min(layers), keep_all=False) if cfg.prefix_cache and not partitioned else None
     header = {
         "base_checkpoint": str(checkpoint),
         "layers": layers,
