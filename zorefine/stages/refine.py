@@ -194,14 +194,19 @@ def _forward(model, batch: dict[str, torch.Tensor]) -> None:
     model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device))
 
 
+# Refine settings that change how a step is computed, not its result.
+HOW_NOT_WHAT = ("steps", "budget", "log_every", "prefix_cache", "store", "deepspeed")
+
+
 def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether a logged run can be continued: same start, parameters and settings but the step count.
 
-    Settings that change how, not what, is computed (prefix cache, weight store) may differ.
+    Settings that change how, not what, is computed (prefix cache, weight store, ZeRO
+    partitioning) may differ.
     """
 
     def settings(header: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in header.get("refine", {}).items() if k not in ("steps", "budget", "log_every", "prefix_cache", "store")}
+        return {k: v for k, v in header.get("refine", {}).items() if k not in HOW_NOT_WHAT}
 
     def version(header: dict[str, Any]) -> int:
         return header.get("environment", {}).get("directions_version", 1)
