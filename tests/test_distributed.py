@@ -23,6 +23,7 @@ from zorefine.perturb import Direction
 from zorefine.stages.refine import HOW_NOT_WHAT
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.distributed
 
 
 def test_a_window_of_a_direction_is_that_slice_of_the_whole_direction(monkeypatch):
@@ -57,6 +58,40 @@ def test_whole_parameters_are_their_own_entries_and_rms():
     # A padded last partition: only the entries inside the tensor count.
     padded = LocalEntries(torch.tensor([3.0, 4.0, 99.0]), offset=2, shape=torch.Size([4]), partitioned=False)
     assert padded.valid == 2
+
+
+# ---- launch presets -------------------------------------------------------------------------
+
+
+def test_every_launch_preset_parses_and_says_what_it_is_for():
+    import yaml
+
+    files = sorted(p for p in (REPO / "launch").rglob("*") if p.is_file() and p.name != "README.md")
+    kinds = {p.suffix for p in files}
+    assert {".json", ".yaml", ".sbatch"} <= kinds and len(files) >= 7
+    for path in files:
+        text = path.read_text()
+        if path.suffix == ".json":
+            config = json.loads(text)  # JSON has no comments: the README documents these
+            assert config["zero_optimization"]["stage"] in (2, 3)
+            assert path.name in (REPO / "launch" / "README.md").read_text()
+        elif path.suffix == ".yaml":
+            assert text.startswith("#") and "Edit:" in text
+            assert yaml.safe_load(text)["num_processes"] >= 1
+        else:
+            assert text.startswith("#!/bin/bash") and "Edit:" in text and "#SBATCH --gpus-per-node" in text
+            assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+            assert "-m zorefine" in text
+
+
+def test_the_slurm_launcher_preset_composes_with_a_sweep():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    command = [sys.executable, "-m", "zorefine", "+experiment=budget_sweep", "hydra/launcher=zorefine_slurm",
+               "hydra.launcher.partition=debug", "--cfg", "hydra"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "submitit_launcher.SlurmLauncher" in done.stdout and "partition: debug" in done.stdout
+    assert "gpus_per_node: 1" in done.stdout
 
 
 # ---- several processes -------------------------------------------------------------------

@@ -286,6 +286,10 @@ def _first_order(run: Run, model, tokenizer) -> dict[str, Any]:
     }
 
 
+def _per_step(total: float, steps: int) -> float | None:
+    return round(total / steps, 6) if steps else None
+
+
 def _zeroth_order(run: Run, model, tokenizer) -> dict[str, Any]:
     """ZO refinement of the method's selection, logged step by step (a killed run resumes)."""
     cfg = run.cfg.refine
@@ -320,6 +324,7 @@ def _zeroth_order(run: Run, model, tokenizer) -> dict[str, Any]:
         for record in records:
             _observe(tracker, record)
     sample = batch_sampler(run)
+    resumed_steps, loop_started, sent_before = len(records), time.perf_counter(), run.processes.bytes_communicated
     progress = tqdm(range(len(records), steps), desc="refine", initial=len(records), total=steps, disable=not run.processes.is_main)
     # Every process takes the same steps; the log is written once.
     with TrajectoryWriter(log_path, header, len(records), enabled=run.processes.is_main) as writer:
@@ -346,5 +351,10 @@ def _zeroth_order(run: Run, model, tokenizer) -> dict[str, Any]:
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "trajectory": str(log_path),
+        # What this run's own steps cost (replayed steps excluded): time, and what each
+        # process sent to the others (two float64 sums per forward pass when distributed).
+        "step_seconds": _per_step(time.perf_counter() - loop_started, len(records) - resumed_steps),
+        "processes": run.processes.world_size,
+        "bytes_sent_per_step": _per_step(run.processes.bytes_communicated - sent_before, len(records) - resumed_steps),
         **({"curvature": tracker.as_dict(), "reranked": tracker.ranking()} if tracker is not None else {}),
     }
