@@ -206,7 +206,8 @@ def pooled_rows(records: Sequence[dict[str, Any]], key: str) -> tuple[list[str],
             continue
         cells = {metric: mean_interval([m[metric] for m in members]) for metric in POOLED_METRICS}
         cells.update({q: mean_interval([m["quantized_refusal"].get(q) for m in members]) for q in quantized})
-        label = method + (f" [{', '.join(_shortest_distinct(setting, groups))}]" if setting else "")
+        distinct = _shortest_distinct(setting, groups)
+        label = method + (f" [{', '.join(distinct)}]" if distinct else "")
         pooled.append({"label": label, "method": method, "overrides": list(setting), "pooled_over": key,
                        "runs": len(members), **cells})
         rows.append([label, str(len(members)), *(format_interval(cells[m]) for m in (*POOLED_METRICS, *quantized))])
