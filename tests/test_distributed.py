@@ -193,3 +193,16 @@ def test_align_under_zero2_on_two_processes_saves_a_loadable_checkpoint(micro_ll
     assert set(trained) == set(start.state_dict())
     assert any(not torch.equal(trained[k], v) for k, v in start.state_dict().items())  # it did train
     assert json.loads((run_dir / "align.json").read_text())["enabled"] is True
+
+
+def test_a_batch_smaller_than_the_number_of_processes_is_a_clear_error(micro_llama, tmp_path, monkeypatch):
+    import zorefine.distributed as distributed
+    from tests.conftest import make_cfg
+    from zorefine.errors import ConfigError
+    from zorefine.pipeline import Run
+    from zorefine.stages import refine
+
+    monkeypatch.setattr(distributed, "_CURRENT", Processes(rank=0, world_size=8))
+    with pytest.raises(ConfigError, match="at least the number of processes"):
+        refine.run(Run(make_cfg(micro_llama, **{"refine.batch_size": 4, "refine.layers": "[0]"}), tmp_path))
+    assert not (tmp_path / "trajectory.jsonl").exists()

@@ -240,8 +240,16 @@ def run(run: Run) -> dict[str, Any]:
     """
     started = time.perf_counter()
     checkpoint = run.aligned_checkpoint
-    model, tokenizer = run.load_model(checkpoint)
     method = run.cfg.refine.method
+    processes = run.processes
+    if processes.distributed and method not in FIRST_ORDER_METHODS and run.cfg.refine.batch_size < processes.world_size:
+        raise ConfigError(
+            f"refine.batch_size={run.cfg.refine.batch_size} is smaller than the {processes.world_size} processes "
+            "sharing each step's batch: raise it to at least the number of processes"
+        )
+    if processes.distributed and method in FIRST_ORDER_METHODS:
+        log.warning("[refine] %s is not split across processes: each of the %d runs the whole batch", method, processes.world_size)
+    model, tokenizer = run.load_model(checkpoint)
     if run.cfg.refine.deepspeed and method not in FIRST_ORDER_METHODS:
         model = partition_model(model, run.cfg.refine.deepspeed)
     summary = (_first_order(run, model, tokenizer) if method in FIRST_ORDER_METHODS else _zeroth_order(run, model, tokenizer))
