@@ -162,8 +162,13 @@ def test_two_process_data_parallel_zo_equals_one_process(one_process_refine, mic
 
 
 def test_zero3_partitioned_zo_equals_unpartitioned(one_process_refine, micro_llama, tmp_path):
+    # DeepSpeed's default persistence threshold would keep small tensors whole and blind to
+    # partition updates; zorefine must partition every tensor whatever the user's file says.
+    config = json.loads((REPO / "launch/deepspeed/zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 100000
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
     run_dir = tmp_path / "run"
-    _zorefine(2, run_dir, f"model.path={micro_llama}", *REFINE, f"refine.deepspeed={REPO / 'launch/deepspeed/zero3.json'}")
+    _zorefine(2, run_dir, f"model.path={micro_llama}", *REFINE, f"refine.deepspeed={tmp_path / 'zero3.json'}")
     _assert_same_refinement(run_dir, one_process_refine)
 
 

@@ -10,11 +10,14 @@ would have, and no weight ever crosses the network for the update.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from zorefine.distributed import Processes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,13 @@ def partition_model(model: torch.nn.Module, config_path: str) -> torch.nn.Module
         config = _without_auto(json.loads(path.read_text()))
     except json.JSONDecodeError as error:
         raise ConfigError(f"refine.deepspeed: {path} is not JSON ({error})") from None
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage3_param_persistence_threshold", 0) != 0 or zero.get("model_persistence_threshold", 0) != 0:
+        # ZeRO-3 keeps small tensors whole ("persistent") and never re-gathers them from the
+        # partitions ZO moves, so every tensor must be partitioned for the updates to count.
+        log.info("[refine] ZeRO-3 persistence thresholds set to 0: ZO moves every tensor through its partition")
+    zero["stage3_param_persistence_threshold"] = 0
+    zero["model_persistence_threshold"] = 0
     # DeepSpeed insists on a batch size; ZO never lets DeepSpeed step, so any value is right.
     config.setdefault("train_micro_batch_size_per_gpu", 1)
     config.pop("train_batch_size", None)
