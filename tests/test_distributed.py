@@ -211,3 +211,17 @@ def test_a_batch_smaller_than_the_number_of_processes_is_a_clear_error(micro_lla
     with pytest.raises(ConfigError, match="at least the number of processes"):
         refine.run(Run(make_cfg(micro_llama, **{"refine.batch_size": 4, "refine.layers": "[0]"}), tmp_path))
     assert not (tmp_path / "trajectory.jsonl").exists()
+
+
+def test_a_killed_two_process_refinement_resumes_to_the_same_weights(one_process_refine, micro_llama, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    first_half = [o if not o.startswith("refine.steps=") else "refine.steps=3" for o in REFINE]
+    _zorefine(2, run_dir, f"model.path={micro_llama}", *first_half)
+    # As if killed after step 3: the log is there, the stage never finished.
+    (run_dir / "refine.json").unlink()
+    shutil.rmtree(run_dir / "checkpoints")
+    _zorefine(2, run_dir, f"model.path={micro_llama}", *REFINE)
+    _assert_same_refinement(run_dir, one_process_refine)
+    assert json.loads((run_dir / "refine.json").read_text())["steps"] == 6

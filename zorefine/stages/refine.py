@@ -17,15 +17,15 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from zorefine import distributed
 from zorefine.curvature import CurvatureTracker
 from zorefine.errors import ConfigError
 from zorefine.first_order import FIRST_ORDER_METHODS, FORWARD_COST, FirstOrderSettings, FirstOrderTrainer
-from zorefine.models.layers import find_decoder_layers
-from zorefine import distributed
 from zorefine.distributed import Processes
+from zorefine.models.layers import find_decoder_layers
 from zorefine.objectives import encode_batch, response_nll, response_nll_terms
-from zorefine.pipeline import REFINED_DIR, Run
 from zorefine.partitions import gathered, is_partitioned, partition_model
+from zorefine.pipeline import REFINED_DIR, Run
 from zorefine.prefix_cache import PrefixCache
 from zorefine.replay import apply_records, settings_from_config
 from zorefine.selection import Selection, SelectionPolicy
@@ -161,7 +161,9 @@ def step_objective(
 
     The loss is the weighted mean over every response token of the batch. Under a launcher
     each process scores its share and only the two sums behind the mean are added across
-    processes, so every process gets the same loss as one process scoring the whole batch. With ``refine.objective_threat`` the loss is that of the threatened model; the threat's
+    processes, so every process gets the same loss as one process scoring the whole batch.
+
+    With ``refine.objective_threat`` the loss is that of the threatened model; the threat's
     seed is fixed for the step, so the + and − passes see the same noise sample. With an
     active ``cache`` (no layer below its first layer is refined) the unperturbed prefix is
     computed once here and every evaluation of the returned closure runs only the rest.
