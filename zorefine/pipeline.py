@@ -86,13 +86,22 @@ class Run:
         return rows[:limit] if limit is not None else rows
 
     @cached_property
-    def overrefusal_prompts(self) -> list[str]:
+    def overrefusal_examples(self) -> list[Example]:
         """Safe prompts that should not be refused (built-in XSTest unless configured)."""
         configured = self.cfg.data.overrefusal_file
         if configured == "":
             return []
         path = Path(configured) if configured else builtin_path("xstest_safe")
-        return [e.prompt for e in load_examples(path) if e.kind == "benign"]
+        return [e for e in load_examples(path) if e.kind == "benign"]
+
+    def overrefusal_prompts(self, split: str) -> list[str]:
+        """The over-refusal prompts of ``split``; a file without that split gives all its prompts.
+
+        The built-in XSTest file is split ``val`` / ``test``, so tuning on ``val`` never reads
+        the prompts the final over-refusal number is measured on.
+        """
+        rows = [e for e in self.overrefusal_examples if e.split == split]
+        return [e.prompt for e in (rows or self.overrefusal_examples)]
 
     # ---- stage bookkeeping ---------------------------------------------------------------
     def marker(self, stage: Stage) -> Path:
@@ -106,7 +115,7 @@ class Run:
         if self.cfg.model.path is not None:
             _ = self.start_checkpoint
         _ = self.examples
-        _ = self.overrefusal_prompts
+        _ = self.overrefusal_examples
 
     def finish(self, stage: Stage, summary: dict[str, Any]) -> None:
         """Record a finished stage; its JSON is the last thing it writes (by the main process)."""

@@ -49,7 +49,12 @@ _CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 _FINAL_ANSWER = re.compile(r"^####\s*(\S.*?)\s*$")
 
 
-def split_for(prompt: str) -> str:
+#: XSTest is never trained on, but tuning reads over-refusal too: about 30% of its prompts
+#: (by the same prompt hash) are the `val` share, the rest stay `test`.
+XSTEST_SPLIT_BOUNDS: tuple[tuple[float, str], ...] = ((0.30, "val"), (1.0, "test"))
+
+
+def split_for(prompt: str, bounds: tuple[tuple[float, str], ...] = SPLIT_BOUNDS) -> str:
     """Return ``"train"``, ``"val"`` or ``"test"`` for a prompt, from a sha256 of its text.
 
     A prompt's split depends on its text alone — not on which other rows exist — so
@@ -58,10 +63,10 @@ def split_for(prompt: str) -> str:
     """
     digest = hashlib.sha256(prompt.encode("utf-8")).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
-    for bound, name in SPLIT_BOUNDS:
+    for bound, name in bounds:
         if u < bound:
             return name
-    return SPLIT_BOUNDS[-1][1]  # unreachable: u < 1.0
+    return bounds[-1][1]  # unreachable: u < 1.0
 
 
 def _require(raw_dir: Path, name: str) -> Path:
@@ -197,7 +202,7 @@ def build_xstest(raw_dir: Path) -> tuple[list[Example], list[Example]]:
             target, kind = unsafe, "harmful"
         else:
             raise DataError(f"{raw_dir / XSTEST_FILE}: id {row['id']}: unknown label {label!r}")
-        target.append(Example(prompt=prompt, response="", kind=kind, split="test",
+        target.append(Example(prompt=prompt, response="", kind=kind, split=split_for(prompt, XSTEST_SPLIT_BOUNDS),
                               source=f"xstest:{row['type'].strip()}"))
     return safe, unsafe
 

@@ -52,8 +52,8 @@ def _problem(prompt: object, response: object, kind: object, split: object, sour
         return f"split must be one of {', '.join(SPLITS)}, got {split!r}"
     # An empty target would give a response-only loss over zero tokens (NaN) in
     # training or validation; it is only meaningful for prompts we merely generate on.
-    if not response and split != "test":
-        return f"empty response is only allowed for evaluation rows (split 'test'), got split {split!r}"
+    if not response and split == "train":
+        return "empty response is only allowed for held-out rows (split 'val' or 'test'), got split 'train'"
     return None
 
 
@@ -63,8 +63,8 @@ class Example:
 
     Attributes:
         prompt: The user turn. Never empty.
-        response: The target assistant turn; ``""`` only for evaluation-only rows
-            (split ``"test"``, e.g. XSTest prompts we only generate on).
+        response: The target assistant turn; ``""`` only for held-out rows (split
+            ``"val"`` or ``"test"``, e.g. XSTest prompts we only generate on).
         kind: ``"harmful"`` (response is a refusal) or ``"benign"`` (response is helpful).
         split: ``"train"``, ``"val"`` or ``"test"``.
         source: Optional provenance tag such as ``"advbench"`` or ``"gsm8k"``.

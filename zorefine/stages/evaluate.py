@@ -61,7 +61,7 @@ def eval_sets(run: Run, limit: int | None) -> EvalSets:
     return EvalSets(
         harmful=subsample(harmful, limit, run.cfg.seed),
         benign=subsample(benign, limit, run.cfg.seed),
-        overrefusal=subsample(run.overrefusal_prompts, limit, run.cfg.seed),
+        overrefusal=subsample(run.overrefusal_prompts(split), limit, run.cfg.seed),
     )
 
 
