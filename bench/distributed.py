@@ -21,6 +21,7 @@ Usage: ``python bench/distributed.py [--hidden 256] [--layers 8] [--batch 16] [-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -76,7 +77,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="zorefine-bench-dist-") as scratch:
         root = Path(scratch)
-        model_bytes = write_model(root / "model", args.hidden, args.layers)
+        # Library banners (DeepSpeed's accelerator notice) go to stderr: stdout is the JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            model_bytes = write_model(root / "model", args.hidden, args.layers)
         one = refine(1, root / "model", root / "one", args)
         two = refine(2, root / "model", root / "two", args)
         result = {
