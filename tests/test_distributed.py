@@ -186,12 +186,13 @@ def test_two_process_analysis_and_evaluation_equal_one_process(micro_llama, tmp_
     assert len(one["conditions"]) == 1 + 2 * 2 + 1
 
 
-def test_align_under_zero2_on_two_processes_saves_a_loadable_checkpoint(micro_llama, tmp_path):
+@pytest.mark.parametrize("zero_config", ["zero2.json", "zero3.json"])
+def test_align_under_deepspeed_on_two_processes_saves_a_loadable_checkpoint(micro_llama, tmp_path, zero_config):
     import transformers
 
     run_dir = tmp_path / "run"
     _zorefine(2, run_dir, f"model.path={micro_llama}", "stages=[align]", "align.epochs=1",
-              f"align.deepspeed={REPO / 'launch/deepspeed/zero2.json'}")
+              f"align.deepspeed={REPO / 'launch/deepspeed' / zero_config}")
     aligned = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "aligned")
     start = transformers.AutoModelForCausalLM.from_pretrained(micro_llama)
     trained = {k: v for k, v in aligned.state_dict().items()}
