@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from zorefine.errors import ConfigError
 from zorefine.selection import SelectionPolicy
+from zorefine.targets import TARGET_MODES
 from zorefine.threats import parse_threat
 
 
@@ -162,6 +163,13 @@ class RefineConfig:
     # Weight of the benign-utility term: each benign pair's tokens count this much in the
     # objective, each harmful->refusal pair's tokens once.
     benign_weight: float = 1.0
+    # What the objective asks the model to say: "reference" (the data's refusals and answers),
+    # "self" (the start model's own greedy responses, harmful and benign: the smoothed loss then
+    # rewards keeping the behaviour the model has under perturbation instead of moving it) or
+    # "self_benign" (own responses for benign prompts, reference refusals for harmful ones).
+    targets: str = "reference"
+    # Greedy tokens per self target.
+    target_tokens: int = 24
     # Evaluate the objective on the model under a threat (e.g. "rtn:int4", "wnoise:0.05"):
     # one noise sample per step, shared by the + and - passes. null = the clean model.
     objective_threat: Optional[str] = None
@@ -277,6 +285,11 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.refine.steps >= 0, "refine.steps must be >= 0")
     _require(cfg.refine.budget is None or cfg.refine.budget >= 0, "refine.budget must be >= 0 or null")
     _require(cfg.refine.benign_weight >= 0, "refine.benign_weight must be >= 0")
+    _require(
+        cfg.refine.targets in TARGET_MODES,
+        f"refine.targets must be one of {', '.join(TARGET_MODES)}; got {cfg.refine.targets!r}",
+    )
+    _require(cfg.refine.target_tokens >= 1, "refine.target_tokens must be >= 1")
     _require(cfg.refine.fo_lr > 0 and cfg.refine.sam_rho > 0 and cfg.refine.rwp_sigma > 0, "refine.fo_lr, sam_rho and rwp_sigma must be > 0")
     _require(cfg.refine.eps > 0, "refine.eps must be > 0")
     _require(cfg.refine.lr >= 0, "refine.lr must be >= 0")

@@ -29,6 +29,7 @@ from zorefine.pipeline import REFINED_DIR, Run
 from zorefine.prefix_cache import PrefixCache
 from zorefine.replay import apply_records, settings_from_config
 from zorefine.selection import Selection, SelectionPolicy
+from zorefine.targets import TrainingPairs, training_pairs
 from zorefine.stages.analyze import SELECTION_FILE
 from zorefine.threats import parse_threat, threatened
 from zorefine.units import discover_units
@@ -133,13 +134,33 @@ class StepBatch:
         ]
 
 
-def batch_sampler(run: Run) -> Callable[[int], StepBatch]:
+def reference_pairs(run: Run) -> TrainingPairs:
+    """The ``train`` split's harmful->refusal and benign->answer pairs, as the data gives them."""
+    harmful = [(e.prompt, e.response) for e in run.split("train", "harmful")]
+    benign = [(e.prompt, e.response) for e in run.split("train", "benign")]
+    return TrainingPairs(harmful, benign)
+
+
+def refinement_pairs(run: Run, model, tokenizer) -> TrainingPairs:
+    """The pairs of ``refine.targets``: the data's responses, or the starting model's own."""
+    cfg = run.cfg.refine
+    reference = reference_pairs(run)
+    if cfg.targets == "reference":
+        return reference
+    started = time.perf_counter()
+    pairs = training_pairs(model, tokenizer, reference.harmful, reference.benign, cfg.targets, cfg.target_tokens)
+    log.info("[refine] %s targets: the start model's greedy responses in %.1f s", cfg.targets, time.perf_counter() - started)
+    return pairs
+
+
+def batch_sampler(run: Run, pairs: TrainingPairs | None = None) -> Callable[[int], StepBatch]:
     """Per-step training batches: half harmful->refusal, half benign->answer, seeded by step.
 
     Benign pairs weigh ``refine.benign_weight`` in the objective (1: every token counts the same).
+    ``pairs`` defaults to the data's own (reference) responses.
     """
-    harmful = [(e.prompt, e.response) for e in run.split("train", "harmful")]
-    benign = [(e.prompt, e.response) for e in run.split("train", "benign")]
+    pairs = pairs if pairs is not None else reference_pairs(run)
+    harmful, benign = pairs.harmful, pairs.benign
     size = run.cfg.refine.batch_size
     seed = run.cfg.refine.seed
     benign_weight = float(run.cfg.refine.benign_weight)
@@ -252,9 +273,12 @@ def run(run: Run) -> dict[str, Any]:
     if processes.distributed and method in FIRST_ORDER_METHODS:
         log.warning("[refine] %s is not split across processes: each of the %d runs the whole batch", method, processes.world_size)
     model, tokenizer = run.load_model(checkpoint)
+    # Self targets are decoded from the whole model, before ZeRO-3 splits it.
+    pairs = refinement_pairs(run, model, tokenizer)
     if run.cfg.refine.deepspeed and method not in FIRST_ORDER_METHODS:
         model = partition_model(model, run.cfg.refine.deepspeed)
-    summary = (_first_order(run, model, tokenizer) if method in FIRST_ORDER_METHODS else _zeroth_order(run, model, tokenizer))
+    refine = _first_order if method in FIRST_ORDER_METHODS else _zeroth_order
+    summary = refine(run, model, tokenizer, pairs)
     out_dir = run.run_dir / REFINED_DIR
     info = {"stage": "refine", "method": method, "base": str(checkpoint), "layers": summary["layers"]}
     with gathered(model):
@@ -265,18 +289,20 @@ def run(run: Run) -> dict[str, Any]:
         "base": str(checkpoint),
         **summary,
         "forward_passes": step_cost(run.cfg.refine) * summary["steps"],
+        # Self targets cost greedy decoding once, before the first step (batched decode calls).
+        "target_decode_calls": pairs.generation_forward_passes,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
-def _first_order(run: Run, model, tokenizer) -> dict[str, Any]:
+def _first_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dict[str, Any]:
     """A first-order baseline on every parameter, for the steps the budget allows."""
     cfg = run.cfg.refine
     steps = steps_for(cfg)
     settings = FirstOrderSettings(cfg.method, cfg.fo_lr, cfg.fo_weight_decay, cfg.sam_rho, cfg.rwp_sigma)
     params = dict(model.named_parameters())
     trainer = FirstOrderTrainer(model, params, settings, seed=cfg.seed)
-    sample = batch_sampler(run)
+    sample = batch_sampler(run, pairs)
     losses: list[float] = []
     progress = tqdm(range(steps), desc=f"refine ({cfg.method})")
     for step in progress:
@@ -300,7 +326,7 @@ def _per_step(total: float, steps: int) -> float | None:
     return round(total / steps, 6) if steps else None
 
 
-def _zeroth_order(run: Run, model, tokenizer) -> dict[str, Any]:
+def _zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dict[str, Any]:
     """ZO refinement of the method's selection, logged step by step (a killed run resumes)."""
     cfg = run.cfg.refine
     steps = steps_for(cfg)
@@ -333,7 +359,7 @@ def _zeroth_order(run: Run, model, tokenizer) -> dict[str, Any]:
     if tracker is not None:
         for record in records:
             _observe(tracker, record)
-    sample = batch_sampler(run)
+    sample = batch_sampler(run, pairs)
     resumed_steps, loop_started, sent_before = len(records), time.perf_counter(), run.processes.bytes_communicated
     progress = tqdm(range(len(records), steps), desc="refine", initial=len(records), total=steps, disable=not run.processes.is_main)
     # Every process takes the same steps; the log is written once.
