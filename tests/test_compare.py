@@ -114,7 +114,8 @@ def test_compare_rejects_what_is_not_a_run(tmp_path, capsys):
 
 def _record(method, overrides, gain, asr):
     return {"method": method, "overrides": overrides, "gain": gain, "asr_under_noise": asr, "clean_refusal": 1.0,
-            "overrefusal": 0.3, "utility_loss": 7.0, "quantized_refusal": {"rtn:int4": 1.0}}
+            "overrefusal": 0.3, "utility_loss": 7.0, "quantized_refusal": {"rtn:int4": 1.0}, "forward_passes": 400,
+            "seconds": 10.0, "asr_by_condition": {"wnoise σ=0.8": {"mean": asr, "low": asr - 0.1, "high": asr + 0.1, "n": 3}}}
 
 
 def test_runs_differing_only_in_the_refinement_seed_pool_into_one_row_with_an_interval():
@@ -129,4 +130,8 @@ def test_runs_differing_only_in_the_refinement_seed_pool_into_one_row_with_an_in
     assert first["runs"] == 3 and math.isclose(first["gain"]["mean"], 0.02) and math.isclose(first["asr_under_noise"]["mean"], 0.25)
     assert first["gain"]["low"] < 0.02 < first["gain"]["high"]
     assert second["gain"]["low"] == second["gain"]["high"] == 0.05  # identical runs: an empty interval
+    # Every threat condition is pooled too: the mean over runs of each run's mean over noise seeds.
+    noisy = first["asr_by_condition"]["wnoise σ=0.8"]
+    assert noisy["n"] == 3 and math.isclose(noisy["mean"], 0.25) and noisy["low"] < 0.25 < noisy["high"]
+    assert first["forward_passes"] == 400 and first["seconds"] == 10.0
     assert len(rows) == 2 and len(header) == len(rows[0]) and header[-1] == "refusal, rtn:int4 ↑"

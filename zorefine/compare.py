@@ -206,6 +206,14 @@ def pooled_rows(records: Sequence[dict[str, Any]], key: str) -> tuple[list[str],
             continue
         cells = {metric: mean_interval([m[metric] for m in members]) for metric in POOLED_METRICS}
         cells.update({q: mean_interval([m["quantized_refusal"].get(q) for m in members]) for q in quantized})
+        conditions = sorted({c for m in members for c in m.get("asr_by_condition", {})})
+        cells["asr_by_condition"] = {
+            c: mean_interval([m["asr_by_condition"][c]["mean"] for m in members if c in m.get("asr_by_condition", {})])
+            for c in conditions
+        }
+        cells["forward_passes"] = max(m.get("forward_passes") or 0 for m in members)
+        seconds = [m["seconds"] for m in members if m.get("seconds") is not None]
+        cells["seconds"] = sum(seconds) / len(seconds) if seconds else None
         distinct = _shortest_distinct(setting, groups)
         label = method + (f" [{', '.join(distinct)}]" if distinct else "")
         pooled.append({"label": label, "method": method, "overrides": list(setting), "pooled_over": key,
