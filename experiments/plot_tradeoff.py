@@ -1,8 +1,11 @@
 """The trade-off plot of the val studies: robustness bought against what it cost.
 
-Reads every ``experiments/s*/comparison.json`` and plots, for each refined setting, the drop
-in attack success rate under weight noise (x) against the rise in over-refusal (y), with the
-marker size giving the forward passes spent and the colour the change in clean refusal.
+Reads every ``experiments/s*/comparison.json``. Settings run over several refinement seeds
+(pooled rows) are drawn with 95% intervals over the seeds on both axes; single-seed settings of
+the earlier studies are drawn as small grey points, since one seed's value is as much its
+random walk as its setting. x: the drop in attack success rate under weight noise; y: the rise
+in over-refusal; colour: the change in utility loss (left panel) and the forward passes spent
+are in the labels.
 
 Usage: ``python experiments/plot_tradeoff.py`` (writes ``experiments/tradeoff.png``).
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -20,51 +24,77 @@ import matplotlib.pyplot as plt
 HERE = Path(__file__).parent
 
 
-def points() -> list[dict]:
-    """One point per refined setting of every study, relative to that study's unrefined row."""
+def _none_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(r for r in rows if r["method"] == "none")
+
+
+def single_seed_points() -> list[dict[str, Any]]:
+    """One point per refined run of the studies that used one refinement seed per setting."""
     found = []
     for path in sorted(HERE.glob("s*/comparison.json")):
-        rows = json.loads(path.read_text())["rows"]
-        none = next(r for r in rows if r["method"] == "none")
-        for row in rows:
-            if row["method"] == "none":
-                continue
+        document = json.loads(path.read_text())
+        if document.get("pooled"):
+            continue
+        none = _none_row(document["rows"])
+        for row in document["rows"]:
+            if row["method"] != "none":
+                found.append({
+                    "study": path.parent.name,
+                    "asr_drop": none["asr_under_noise"] - row["asr_under_noise"],
+                    "overrefusal_rise": row["overrefusal"] - none["overrefusal"],
+                })
+    return found
+
+
+def pooled_points() -> list[dict[str, Any]]:
+    """One point per setting run over several refinement seeds, with its 95% intervals."""
+    found = []
+    for path in sorted(HERE.glob("s*/comparison.json")):
+        document = json.loads(path.read_text())
+        if not document.get("pooled"):
+            continue
+        none = _none_row(document["rows"])
+        for row in document["pooled"]:
+            asr, over, utility = row["asr_under_noise"], row["overrefusal"], row["utility_loss"]
             found.append({
                 "study": path.parent.name,
                 "label": row["label"],
-                "asr_drop": none["asr_under_noise"] - row["asr_under_noise"],
-                "overrefusal_rise": row["overrefusal"] - none["overrefusal"],
-                "clean_refusal_change": row["clean_refusal"] - none["clean_refusal"],
-                "utility_change": row["utility_loss"] - none["utility_loss"],
-                "forward_passes": row["forward_passes"],
+                "runs": row["runs"],
+                "forward_passes": row.get("forward_passes"),
+                "asr_drop": none["asr_under_noise"] - asr["mean"],
+                "asr_drop_interval": (none["asr_under_noise"] - asr["high"], none["asr_under_noise"] - asr["low"]),
+                "overrefusal_rise": over["mean"] - none["overrefusal"],
+                "overrefusal_interval": (over["low"] - none["overrefusal"], over["high"] - none["overrefusal"]),
+                "utility_change": utility["mean"] - none["utility_loss"],
             })
     return found
 
 
 def main() -> None:
-    data = points()
-    fig, axis = plt.subplots(figsize=(7.2, 4.8))
-    scatter = axis.scatter(
-        [p["asr_drop"] for p in data],
-        [p["overrefusal_rise"] for p in data],
-        s=[20 + p["forward_passes"] / 2 for p in data],
-        c=[p["clean_refusal_change"] for p in data],
-        cmap="RdYlGn", vmin=-0.1, vmax=0.1, edgecolors="black", linewidths=0.5,
-    )
-    for p in data:
-        if p["asr_drop"] > 0.03:
-            axis.annotate(f"{p['study'].split('_')[0]} {p['label'].removeprefix('zo ')}", (p["asr_drop"], p["overrefusal_rise"]), fontsize=6)
+    singles, pooled = single_seed_points(), pooled_points()
+    fig, axis = plt.subplots(figsize=(8.0, 5.4))
+    axis.scatter([p["asr_drop"] for p in singles], [p["overrefusal_rise"] for p in singles],
+                 s=12, color="lightgray", label="one refinement seed (studies 1–6)", zorder=1)
+    colours = plt.get_cmap("coolwarm")
+    for p in pooled:
+        x, y = p["asr_drop"], p["overrefusal_rise"]
+        xerr = [[x - p["asr_drop_interval"][0]], [p["asr_drop_interval"][1] - x]]
+        yerr = [[y - p["overrefusal_interval"][0]], [p["overrefusal_interval"][1] - y]]
+        colour = colours(0.5 + max(-0.5, min(0.5, p["utility_change"] / 0.2)))
+        axis.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=colour, markeredgecolor="black",
+                      ecolor=colour, elinewidth=1, capsize=2, zorder=2)
+        axis.annotate(f"{p['study'].split('_')[0]} {p['label']}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     axis.axhline(0.01, color="gray", linestyle=":", linewidth=0.8)
     axis.axvline(0.0, color="gray", linewidth=0.8)
-    axis.set_xlim(-0.05, 0.08)
-    axis.set_ylim(-0.05, 0.15)
     axis.set_xlabel("drop in ASR under weight noise (val, mean over σ ∈ {0.4, 0.6, 0.8}) →  better")
     axis.set_ylabel("rise in over-refusal (XSTest) ↑ worse")
-    fig.colorbar(scatter, label="change in clean refusal")
-    axis.set_title("ZO settings on val: robustness bought vs over-refusal paid\n(marker size: forward passes; dotted: +1 point)")
+    axis.set_title("Refinement settings on val at 400 forward passes: robustness bought vs over-refusal paid\n"
+                   "(bars: 95% over 5 refinement seeds; colour: utility-loss change, red = worse; dotted: +1 point)",
+                   fontsize=9)
+    axis.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(HERE / "tradeoff.png", dpi=120)
-    print(json.dumps(data, indent=1))
+    print(json.dumps(pooled, indent=1))
 
 
 if __name__ == "__main__":

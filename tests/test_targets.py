@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import make_cfg
@@ -55,6 +57,9 @@ def test_refining_towards_own_responses_changes_the_trajectory_and_resumes(micro
     _, plain_steps = read_trajectory(tmp_path / "reference" / "trajectory.jsonl")
     header, own_steps = read_trajectory(tmp_path / "self" / "trajectory.jsonl")
     assert header["refine"]["targets"] == "self"
+    written = json.loads((tmp_path / "self" / refine.TARGETS_FILE).read_text())
+    assert written["targets"] == "self" and len(written["benign"]) == len(refine.reference_pairs(Run(make_cfg(micro_checkpoint), tmp_path)).benign)
+    assert not (tmp_path / "reference" / refine.TARGETS_FILE).exists()
     # Same seeds, other losses: the objective really scored other responses.
     assert [s.seed for s in plain_steps] == [s.seed for s in own_steps]
     assert [s.loss for s in plain_steps] != [s.loss for s in own_steps]

@@ -23,6 +23,7 @@ from zorefine.errors import ConfigError
 from zorefine.first_order import FIRST_ORDER_METHODS, FORWARD_COST, FirstOrderSettings, FirstOrderTrainer
 from zorefine.distributed import Processes
 from zorefine.models.layers import find_decoder_layers
+from zorefine.models.loading import write_json_atomic
 from zorefine.objectives import encode_batch, response_nll, response_nll_terms
 from zorefine.partitions import gathered, is_partitioned, partition_model
 from zorefine.pipeline import REFINED_DIR, Run
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 _UNIT_SEED_OFFSET = 104729
 
 TRAJECTORY_FILE = "trajectory.jsonl"
+TARGETS_FILE = "refine_targets.json"
 
 
 def selection_for(run: Run, model: torch.nn.Module) -> Selection:
@@ -150,6 +152,9 @@ def refinement_pairs(run: Run, model, tokenizer) -> TrainingPairs:
     started = time.perf_counter()
     pairs = training_pairs(model, tokenizer, reference.harmful, reference.benign, cfg.targets, cfg.target_tokens)
     log.info("[refine] %s targets: the start model's greedy responses in %.1f s", cfg.targets, time.perf_counter() - started)
+    if run.processes.is_main:
+        # What the objective asked for, to read next to the trajectory.
+        write_json_atomic(run.run_dir / TARGETS_FILE, {"targets": cfg.targets, "harmful": pairs.harmful, "benign": pairs.benign})
     return pairs
 
 
