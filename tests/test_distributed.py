@@ -226,3 +226,13 @@ def test_a_killed_two_process_refinement_resumes_to_the_same_weights(one_process
     _zorefine(2, run_dir, f"model.path={micro_llama}", *REFINE)
     _assert_same_refinement(run_dir, one_process_refine)
     assert json.loads((run_dir / "refine.json").read_text())["steps"] == 6
+
+
+def test_two_process_refinement_towards_own_responses_equals_one_process(micro_llama, tmp_path):
+    # Self targets are decoded in shards and gathered: every process must score the same pairs.
+    own = [*REFINE, "refine.targets=self", "refine.target_tokens=4"]
+    _zorefine(1, tmp_path / "one", f"model.path={micro_llama}", *own)
+    _zorefine(2, tmp_path / "two", f"model.path={micro_llama}", *own)
+    _assert_same_refinement(tmp_path / "two", tmp_path / "one")
+    one, two = (json.loads((tmp_path / d / "refine_targets.json").read_text()) for d in ("one", "two"))
+    assert one == two and one["targets"] == "self"

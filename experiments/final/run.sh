@@ -1,0 +1,21 @@
+#!/bin/bash
+# The final table (test split, used once): the shipped defaults and every baseline at an equal
+# budget of 400 forward-pass equivalents, five refinement seeds each, from one aligned model.
+# RUN: a default run's directory (checkpoints/aligned, selection.json); OUT: where sweeps go;
+# PY: a Python with a frozen (non-editable) install of the commit whose defaults are measured.
+RUN=${RUN:-/tmp/default/run}
+OUT=${OUT:-/tmp/final}
+PY=${PY:-python}
+mkdir -p "$OUT"; cd "$OUT"
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+anoise='"anoise:0.4:seed=0","anoise:0.4:seed=1","anoise:0.4:seed=2","anoise:0.4:seed=3","anoise:0.4:seed=4"'
+common=(stages=[refine,evaluate] model.path=$RUN/checkpoints/aligned refine.selection_file=$RUN/selection.json
+        evaluate.split=test evaluate.seeds=5 'evaluate.sigmas=[0.6,0.8,1.0]'
+        "evaluate.quantization=[rtn:int4,bnb:nf4,$anoise]" evaluate.cache_dir=$OUT/eval-cache refine.seed=0,1,2,3,4)
+sweep() { name=$1; shift; $PY -m zorefine -m "${common[@]}" hydra.sweep.dir=$OUT/$name "$@" > $OUT/$name.log 2>&1; echo "$name done rc=$?" >> $OUT/progress; }
+# Two lanes of one thread each, side by side (each may evaluate the unrefined model once; the cache keeps one).
+( sweep zo refine.method=zo; sweep zo_full refine.method=zo_full; sweep zo_random refine.method=zo_random ) &
+( sweep sft refine.method=sft; sweep sam refine.method=sam; sweep rwp refine.method=rwp ) &
+wait
+$PY -m zorefine.compare $OUT/zo $OUT/zo_full $OUT/zo_random $OUT/sft $OUT/sam $OUT/rwp --out $OUT/all > $OUT/compare.log 2>&1
+echo "all done" >> $OUT/progress
