@@ -51,7 +51,7 @@ def test_reference_targets_leave_the_data_as_it_is(micro_checkpoint, tmp_path):
 
 def test_refining_towards_own_responses_changes_the_trajectory_and_resumes(micro_checkpoint, tmp_path):
     overrides = {"refine.layers": "[0]", "refine.lr": 1e-2, "refine.steps": 3, "refine.target_tokens": 4}
-    plain = refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "reference"))
+    plain = refine.run(Run(make_cfg(micro_checkpoint, **overrides, **{"refine.targets": "reference"}), tmp_path / "reference"))
     own = refine.run(Run(make_cfg(micro_checkpoint, **overrides, **{"refine.targets": "self"}), tmp_path / "self"))
     assert plain["target_decode_calls"] == 0 and own["target_decode_calls"] > 0
     _, plain_steps = read_trajectory(tmp_path / "reference" / "trajectory.jsonl")

@@ -166,8 +166,9 @@ class RefineConfig:
     # What the objective asks the model to say: "reference" (the data's refusals and answers),
     # "self" (the start model's own greedy responses, harmful and benign: the smoothed loss then
     # rewards keeping the behaviour the model has under perturbation instead of moving it) or
-    # "self_benign" (own responses for benign prompts, reference refusals for harmful ones).
-    targets: str = "reference"
+    # "self_benign" (own responses for benign prompts, reference refusals for harmful ones: the
+    # default, chosen on val in study 8 of experiments/README.md; it holds over-refusal where it was).
+    targets: str = "self_benign"
     # Greedy tokens per self target.
     target_tokens: int = 24
     # Evaluate the objective on the model under a threat (e.g. "rtn:int4", "wnoise:0.05"):
