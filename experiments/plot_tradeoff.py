@@ -73,8 +73,10 @@ def pooled_points() -> list[dict[str, Any]]:
 def main() -> None:
     singles, pooled = single_seed_points(), pooled_points()
     fig, axis = plt.subplots(figsize=(8.0, 5.4))
-    axis.scatter([p["asr_drop"] for p in singles], [p["overrefusal_rise"] for p in singles],
-                 s=12, color="lightgray", label="one refinement seed (studies 1–6)", zorder=1)
+    x_range, y_range = (-0.05, 0.08), (-0.06, 0.16)
+    inside = [p for p in singles if x_range[0] <= p["asr_drop"] <= x_range[1] and y_range[0] <= p["overrefusal_rise"] <= y_range[1]]
+    axis.scatter([p["asr_drop"] for p in inside], [p["overrefusal_rise"] for p in inside], s=12, color="lightgray",
+                 label=f"one refinement seed (studies 1–6; {len(singles) - len(inside)} runs that erased refusal are off the plot)", zorder=1)
     colours = plt.get_cmap("coolwarm")
     for p in pooled:
         x, y = p["asr_drop"], p["overrefusal_rise"]
@@ -83,9 +85,12 @@ def main() -> None:
         colour = colours(0.5 + max(-0.5, min(0.5, p["utility_change"] / 0.2)))
         axis.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=colour, markeredgecolor="black",
                       ecolor=colour, elinewidth=1, capsize=2, zorder=2)
-        axis.annotate(f"{p['study'].split('_')[0]} {p['label']}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        label = p["label"].replace("refine.", "").replace("zo [", "[")
+        axis.annotate(f"{p['study'].split('_')[0]} {label}", (x, y), fontsize=6, xytext=(4, 2), textcoords="offset points")
     axis.axhline(0.01, color="gray", linestyle=":", linewidth=0.8)
     axis.axvline(0.0, color="gray", linewidth=0.8)
+    axis.set_xlim(*x_range)
+    axis.set_ylim(*y_range)
     axis.set_xlabel("drop in ASR under weight noise (val, mean over σ ∈ {0.4, 0.6, 0.8}) →  better")
     axis.set_ylabel("rise in over-refusal (XSTest) ↑ worse")
     axis.set_title("Refinement settings on val at 400 forward passes: robustness bought vs over-refusal paid\n"
