@@ -13,6 +13,7 @@ Usage: ``python experiments/plot_tradeoff.py`` (writes ``experiments/tradeoff.pn
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,13 @@ def pooled_points() -> list[dict[str, Any]]:
     return found
 
 
+def _short(label: str) -> str:
+    """A plot label: no ``refine.`` prefixes; a reused selection named by its run directory."""
+    label = re.sub(r"selection_file=[^,\]]*/([^/,\]]+)/selection\.json", r"selection=\1", label.replace("refine.", ""))
+    label = re.sub(r"(, )?selection=run", "", label).replace("[, ", "[").replace(" []", "")
+    return label.replace("zo [", "[")
+
+
 def main() -> None:
     singles, pooled = single_seed_points(), pooled_points()
     fig, axis = plt.subplots(figsize=(8.0, 5.4))
@@ -85,7 +93,7 @@ def main() -> None:
         colour = colours(0.5 + max(-0.5, min(0.5, p["utility_change"] / 0.2)))
         axis.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=colour, markeredgecolor="black",
                       ecolor=colour, elinewidth=1, capsize=2, zorder=2)
-        label = p["label"].replace("refine.", "").replace("zo [", "[")
+        label = _short(p["label"])
         axis.annotate(f"{p['study'].split('_')[0]} {label}", (x, y), fontsize=6, xytext=(4, 2), textcoords="offset points")
     axis.axhline(0.01, color="gray", linestyle=":", linewidth=0.8)
     axis.axvline(0.0, color="gray", linewidth=0.8)
