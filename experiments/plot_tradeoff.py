@@ -86,7 +86,7 @@ def main() -> None:
     axis.scatter([p["asr_drop"] for p in inside], [p["overrefusal_rise"] for p in inside], s=12, color="lightgray",
                  label=f"one refinement seed (studies 1–6; {len(singles) - len(inside)} runs that erased refusal are off the plot)", zorder=1)
     colours = plt.get_cmap("coolwarm")
-    for p in pooled:
+    for index, p in enumerate(pooled):
         x, y = p["asr_drop"], p["overrefusal_rise"]
         xerr = [[x - p["asr_drop_interval"][0]], [p["asr_drop_interval"][1] - x]]
         yerr = [[y - p["overrefusal_interval"][0]], [p["overrefusal_interval"][1] - y]]
@@ -94,7 +94,8 @@ def main() -> None:
         axis.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=colour, markeredgecolor="black",
                       ecolor=colour, elinewidth=1, capsize=2, zorder=2)
         label = _short(p["label"])
-        axis.annotate(f"{p['study'].split('_')[0]} {label}", (x, y), fontsize=6, xytext=(4, 2), textcoords="offset points")
+        axis.annotate(f"{p['study'].split('_')[0]} {label}", (x, y), fontsize=6,
+                      xytext=(4, 3 if index % 2 else -8), textcoords="offset points")
     axis.axhline(0.01, color="gray", linestyle=":", linewidth=0.8)
     axis.axvline(0.0, color="gray", linewidth=0.8)
     axis.set_xlim(*x_range)
