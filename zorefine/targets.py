@@ -30,17 +30,17 @@ class TrainingPairs:
     generation_forward_passes: int = 0
 
 
-def _own_responses(model, tokenizer, pairs: Sequence[Pair], max_new_tokens: int, batch_size: int) -> list[Pair]:
-    """The model's greedy response to each prompt, computed once, shared by every process."""
+def _own_responses(model, tokenizer, pairs: Sequence[Pair], max_new_tokens: int, batch_size: int) -> tuple[list[Pair], int]:
+    """The model's greedy response to each prompt, shared by every process, and the decode
+    calls spent (one per token per batch)."""
     prompts = [prompt for prompt, _ in pairs]
-    processes = distributed.current()
     # Each process decodes its share; gathering in prompt order gives every process the same list.
     chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-    answered = processes.map_sharded(
+    answered = distributed.current().map_sharded(
         chunks, lambda chunk: generate_responses(model, tokenizer, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
     )
     responses = [response for chunk in answered for response in chunk]
-    return list(zip(prompts, responses))
+    return list(zip(prompts, responses)), len(chunks) * max_new_tokens
 
 
 def training_pairs(
@@ -56,13 +56,10 @@ def training_pairs(
     response by the model's own greedy one; ``self_benign`` replaces only the benign ones."""
     if mode not in TARGET_MODES:
         raise ValueError(f"targets must be one of {', '.join(TARGET_MODES)}; got {mode!r}")
-    harmful, benign = list(harmful), list(benign)
-    regenerate = {"reference": (), "self": ("harmful", "benign"), "self_benign": ("benign",)}[mode]
-    spent = 0
-    if "harmful" in regenerate:
-        harmful = _own_responses(model, tokenizer, harmful, max_new_tokens, batch_size)
-        spent += -(-len(harmful) // batch_size) * max_new_tokens
-    if "benign" in regenerate:
-        benign = _own_responses(model, tokenizer, benign, max_new_tokens, batch_size)
-        spent += -(-len(benign) // batch_size) * max_new_tokens
-    return TrainingPairs(harmful, benign, spent)
+    result = TrainingPairs(list(harmful), list(benign))
+    kinds = {"reference": (), "self": ("harmful", "benign"), "self_benign": ("benign",)}[mode]
+    for kind in kinds:
+        own, spent = _own_responses(model, tokenizer, getattr(result, kind), max_new_tokens, batch_size)
+        setattr(result, kind, own)
+        result.generation_forward_passes += spent
+    return result
