@@ -163,18 +163,19 @@ def _draw_budget_panel(axis: Any, pooled: list[dict[str, Any]]) -> None:
 def _key(pooled: list[dict[str, Any]]) -> str:
     lines = []
     for number, p in enumerate(pooled, start=1):
-        lines.append(f"{number:>2} {p['study'].split('_')[0]} {_short(p['label'])}  "
+        # Labels omit overrides a study's sweeps share (study 13's 600 steps), so the budget is spelled out.
+        lines.append(f"{number:>2} {p['study'].split('_')[0]} {_short(p['label'])}  {p['forward_passes'] or 400} fwd, "
                      f"clean ASR {100 * p['clean_asr_rise']:+.1f}pt, util {p['utility_change']:+.3f}")
     lines.append("")
-    lines.append("change vs the model refined from; s7 and s10–s12 refine one aligned")
+    lines.append("change vs the model refined from; s7 and s10–s13 refine one aligned")
     lines.append("model, s8–s9 another (experiments/README.md)")
     return "\n".join(lines)
 
 
 def main() -> None:
     singles, pooled = single_seed_points(), pooled_points()
-    fig = plt.figure(figsize=(14.5, 5.6))
-    grid = fig.add_gridspec(1, 3, width_ratios=[1.2, 0.85, 1.1])
+    fig = plt.figure(figsize=(15.5, 5.6))
+    grid = fig.add_gridspec(1, 3, width_ratios=[1.2, 0.85, 1.25])
     _draw_cost_panel(fig.add_subplot(grid[0]), singles, pooled)
     _draw_budget_panel(fig.add_subplot(grid[1]), pooled)
     key_axis = fig.add_subplot(grid[2])
