@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from zorefine.compare import pooled_rows
+
 HERE = Path(__file__).parent
 
 
@@ -52,16 +54,13 @@ def single_seed_points() -> list[dict[str, Any]]:
     return found
 
 
-def _forward_passes(document: dict[str, Any], pooled_row: dict[str, Any]) -> int | None:
-    """The pooled setting's forward passes; older reports only carry them on the per-seed rows."""
-    if pooled_row.get("forward_passes") is not None:
-        return pooled_row["forward_passes"]
-    key = pooled_row.get("pooled_over", "refine.seed")
-    setting = sorted(pooled_row.get("overrides", []))
-    spent = [row["forward_passes"] for row in document["rows"]
-             if row["method"] == pooled_row["method"] and row.get("forward_passes") is not None
-             and sorted(o for o in row.get("overrides", []) if not o.startswith(key + "=")) == setting]
-    return round(sum(spent) / len(spent)) if spent else None
+def _budgets(document: dict[str, Any]) -> dict[tuple[str, ...], int | None]:
+    """Forward passes per pooled setting, keyed by method and overrides. Reports older than the
+    pooled ``forward_passes`` field get them from compare's own pooling of their per-seed rows."""
+    pooled = document["pooled"]
+    if any(row.get("forward_passes") is None for row in pooled):
+        pooled = pooled_rows(document["rows"], pooled[0].get("pooled_over", "refine.seed"))[2]
+    return {(row["method"], *row["overrides"]): row.get("forward_passes") for row in pooled}
 
 
 def pooled_points() -> list[dict[str, Any]]:
@@ -71,14 +70,14 @@ def pooled_points() -> list[dict[str, Any]]:
         document = json.loads(path.read_text())
         if not document.get("pooled"):
             continue
-        none = _none_row(document["rows"])
+        none, budgets = _none_row(document["rows"]), _budgets(document)
         for row in document["pooled"]:
             asr, over, utility = row["asr_under_noise"], row["overrefusal"], row["utility_loss"]
             found.append({
                 "study": path.parent.name,
                 "label": row["label"],
                 "runs": row["runs"],
-                "forward_passes": _forward_passes(document, row),
+                "forward_passes": budgets.get((row["method"], *row["overrides"])),
                 "asr_drop": none["asr_under_noise"] - asr["mean"],
                 "asr_drop_interval": (none["asr_under_noise"] - asr["high"], none["asr_under_noise"] - asr["low"]),
                 "overrefusal_rise": over["mean"] - none["overrefusal"],
@@ -100,10 +99,9 @@ def _short(label: str) -> str:
 BUDGET_MARKERS = {400: "o", 1200: "s", 2000: "D"}
 
 
-def _marker(forward_passes: int | None) -> str:
+def _nearest_budget(forward_passes: int | None) -> int:
     # Budget-matched baselines spend a few passes less (a backward counts as two forwards).
-    nearest = min(BUDGET_MARKERS, key=lambda budget: abs(budget - (forward_passes or 400)))
-    return BUDGET_MARKERS[nearest]
+    return min(BUDGET_MARKERS, key=lambda budget: abs(budget - (forward_passes or 400)))
 
 
 def _utility_colour(change: float) -> Any:
@@ -122,7 +120,7 @@ def _draw_cost_panel(axis: Any, singles: list[dict[str, Any]], pooled: list[dict
         xerr = [[x - p["asr_drop_interval"][0]], [p["asr_drop_interval"][1] - x]]
         yerr = [[y - p["overrefusal_interval"][0]], [p["overrefusal_interval"][1] - y]]
         colour = _utility_colour(p["utility_change"])
-        axis.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=_marker(p["forward_passes"]), color=colour, markeredgecolor="black",
+        axis.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=BUDGET_MARKERS[_nearest_budget(p["forward_passes"])], color=colour, markeredgecolor="black",
                       ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.9, zorder=2)
         axis.annotate(str(number), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", zorder=3)
     for budget, marker in BUDGET_MARKERS.items():
@@ -142,14 +140,14 @@ def _draw_budget_panel(axis: Any, pooled: list[dict[str, Any]]) -> None:
     """ASR drop against forward passes: what more budget buys."""
     at_budget: dict[int, int] = {}
     for number, p in enumerate(pooled, start=1):
-        budget = min(BUDGET_MARKERS, key=lambda b: abs(b - (p["forward_passes"] or 400)))
+        budget = _nearest_budget(p["forward_passes"])
         # Settings at one budget are spread sideways so their bars and numbers stay apart.
         slot = at_budget.get(budget, 0)
         at_budget[budget] = slot + 1
         x, y = budget + 35 * (slot - 8 if budget == 400 else slot), p["asr_drop"]
         yerr = [[y - p["asr_drop_interval"][0]], [p["asr_drop_interval"][1] - y]]
         colour = _utility_colour(p["utility_change"])
-        axis.errorbar(x, y, yerr=yerr, fmt=_marker(budget), color=colour, markeredgecolor="black", ecolor=colour,
+        axis.errorbar(x, y, yerr=yerr, fmt=BUDGET_MARKERS[budget], color=colour, markeredgecolor="black", ecolor=colour,
                       elinewidth=0.8, capsize=2, alpha=0.9, markersize=5)
         axis.annotate(str(number), (x, y), fontsize=5, xytext=(2, 3), textcoords="offset points")
     axis.axhline(0.0, color="gray", linewidth=0.8)
@@ -164,7 +162,7 @@ def _key(pooled: list[dict[str, Any]]) -> str:
     lines = []
     for number, p in enumerate(pooled, start=1):
         # Labels omit overrides a study's sweeps share (study 13's 600 steps), so the budget is spelled out.
-        lines.append(f"{number:>2} {p['study'].split('_')[0]} {_short(p['label'])}  {p['forward_passes'] or 400} fwd, "
+        lines.append(f"{number:>2} {p['study'].split('_')[0]} {_short(p['label'])}  {p['forward_passes']} fwd, "
                      f"clean ASR {100 * p['clean_asr_rise']:+.1f}pt, util {p['utility_change']:+.3f}")
     lines.append("")
     lines.append("change vs the model refined from; s7 and s10–s13 refine one aligned")

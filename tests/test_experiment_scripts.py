@@ -48,14 +48,17 @@ def test_study_files_come_in_study_order(tradeoff: ModuleType) -> None:
 
 
 def test_forward_pass_fallback_ignores_other_settings(tradeoff: ModuleType) -> None:
-    document = {"rows": [
-        {"method": "zo", "overrides": ["a=1", "refine.seed=0"], "forward_passes": 400},
-        {"method": "zo", "overrides": ["a=1", "refine.seed=1"], "forward_passes": 400},
-        {"method": "zo", "overrides": ["a=2", "refine.seed=0"], "forward_passes": 1200},
-    ]}
-    pooled = {"method": "zo", "overrides": ["a=1"], "pooled_over": "refine.seed"}
-    assert tradeoff._forward_passes(document, pooled) == 400
-    assert tradeoff._forward_passes(document, {**pooled, "overrides": ["a=3"]}) is None
+    metrics = {"gain": 0.0, "asr_under_noise": 0.3, "clean_refusal": 1.0, "overrefusal": 0.3, "utility_loss": 7.0}
+    rows = [
+        {"method": "zo", "overrides": ["a=1", "refine.seed=0"], "forward_passes": 400, **metrics},
+        {"method": "zo", "overrides": ["a=1", "refine.seed=1"], "forward_passes": 400, **metrics},
+        {"method": "zo", "overrides": ["a=2", "refine.seed=0"], "forward_passes": 1200, **metrics},
+    ]
+    # An older report: its pooled row has no forward passes of its own.
+    document = {"rows": rows, "pooled": [{"method": "zo", "overrides": ["a=1"], "pooled_over": "refine.seed"}]}
+    budgets = tradeoff._budgets(document)
+    assert budgets[("zo", "a=1")] == 400
+    assert budgets.get(("zo", "a=3")) is None
 
 
 def test_final_table_rows_for_a_shipped_study(capsys: pytest.CaptureFixture[str]) -> None:
