@@ -31,10 +31,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from zorefine.config import register_configs
 from zorefine.judge import build_judge
-from zorefine.pipeline import Run, run_pipeline
-from zorefine.sensitivity import ThreatFamily, spearman, unit_scores, unit_sensitivity, zo_curvature
-from zorefine.stages.analyze import probe_for
-from zorefine.units import discover_units
+from zorefine.pipeline import run_pipeline
+from zorefine.run import Run
+from zorefine.analyze.sensitivity import ThreatFamily, spearman, unit_scores, unit_sensitivity, zo_curvature
+from zorefine.analyze.stage import probe_for
+from zorefine.models.units import discover_units
 
 SCORES = ("safety_loss_rise", "refusal_drop", "utility_loss_rise")
 

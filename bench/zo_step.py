@@ -44,8 +44,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zorefine.models.layers import find_decoder_layers
-from zorefine.prefix_cache import PrefixCache
-from zorefine.zo import ZOEngine, ZOSettings, step_seed
+from zorefine.zo.prefix_cache import PrefixCache
+from zorefine.zo.engine import ZOEngine, ZOSettings, step_seed
 
 MODELS = {
     "builtin": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4),

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from zorefine.report import format_interval
-from zorefine.robustness import mean_interval
+from zorefine.evaluate.report import format_interval
+from zorefine.evaluate.robustness import mean_interval
 
 REFERENCE_ASR = 0.30
 POOL_KEY = "refine.seed="

@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from zorefine.compare import pooled_rows
+from zorefine.evaluate.compare import pooled_rows
 
 HERE = Path(__file__).parent
 

@@ -17,4 +17,4 @@ wait_for() { [ -z "$1" ] && return; until grep -q "$1" "$AFTER_FILE" 2>/dev/null
 sweep() { name=$1; shift; $PY -m zorefine -m $common hydra.sweep.dir=$OUT/$name "$@" > $OUT/$name.log 2>&1; echo "$name done rc=$?" >> $OUT/progress; }
 analyze() { name=$1; shift; $PY -m zorefine stages=[analyze] align.enabled=false model.path=$RUN/checkpoints/aligned \
   hydra.run.dir=$OUT/analyze_$name "$@" > $OUT/analyze_$name.log 2>&1; }
-compare_sweeps() { $PY -m zorefine.compare "${@/#/$OUT/}" --out $OUT/all > $OUT/compare.log 2>&1; echo "all done" >> $OUT/progress; }
+compare_sweeps() { $PY -m zorefine.evaluate.compare "${@/#/$OUT/}" --out $OUT/all > $OUT/compare.log 2>&1; echo "all done" >> $OUT/progress; }

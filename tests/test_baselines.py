@@ -12,10 +12,11 @@ from tests.conftest import make_cfg
 from tests.tiny_models import tiny_model
 from zorefine.config import validate
 from zorefine.errors import ConfigError
-from zorefine.first_order import FirstOrderSettings, FirstOrderTrainer
-from zorefine.pipeline import Run
-from zorefine.stages import analyze, refine
-from zorefine.stages.refine import step_cost, steps_for
+from zorefine.refine.first_order import FirstOrderSettings, FirstOrderTrainer
+from zorefine.run import Run
+from zorefine.analyze import stage as analyze
+from zorefine.refine import stage as refine
+from zorefine.refine.stage import step_cost, steps_for
 
 
 def _weights(directory) -> dict[str, torch.Tensor]:

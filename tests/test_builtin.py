@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from zorefine.config import BuiltinModelConfig
-from zorefine.formatting import encode_example, format_prompt
+from zorefine.data.formatting import encode_example, format_prompt
 from zorefine.models.builtin import build_tokenizer, ensure_builtin_model
 from zorefine.models.layers import find_decoder_layers
 from zorefine.models.loading import load_causal_lm

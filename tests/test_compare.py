@@ -8,11 +8,11 @@ import math
 import pytest
 
 from tests.conftest import make_cfg
-from zorefine.compare import compare, main as compare_main
-from zorefine.document import Bullets, Document, Image, Table
+from zorefine.evaluate.compare import compare, main as compare_main
+from zorefine.evaluate.document import Bullets, Document, Image, Table
 from zorefine.errors import DataError
 from zorefine.pipeline import run_pipeline
-from zorefine.robustness import ConditionResult, curve_area_interval, robust_sigma
+from zorefine.evaluate.robustness import ConditionResult, curve_area_interval, robust_sigma
 
 
 def _cell(mean: float) -> dict:
@@ -119,7 +119,7 @@ def _record(method, overrides, gain, asr):
 
 
 def test_runs_differing_only_in_the_refinement_seed_pool_into_one_row_with_an_interval():
-    from zorefine.compare import pooled_rows
+    from zorefine.evaluate.compare import pooled_rows
 
     records = [_record("zo", [f"refine.seed={s}", "refine.lr=0.05"], g, a) for s, g, a in [(0, 0.01, 0.3), (1, 0.03, 0.2), (2, 0.02, 0.25)]]
     records += [_record("zo", [f"refine.seed={s}", "refine.lr=0.1"], 0.05, 0.1) for s in (0, 1)]

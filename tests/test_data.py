@@ -372,7 +372,7 @@ def test_build_is_deterministic_and_matches_shipped(tmp_path: Path) -> None:
 
 def test_tuning_never_reads_the_test_over_refusal_prompts(tmp_path) -> None:
     from tests.conftest import make_cfg
-    from zorefine.pipeline import Run
+    from zorefine.run import Run
 
     run = Run(make_cfg(None, **{"data.safety_file": None}), tmp_path)
     val, test = set(run.overrefusal_prompts("val")), set(run.overrefusal_prompts("test"))

@@ -17,17 +17,17 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY_SAFETY, save_micro_checkpoint
-from zorefine.distributed import Processes
-from zorefine.partitions import LocalEntries, local_entries, whole_rms
-from zorefine.perturb import Direction
-from zorefine.stages.refine import HOW_NOT_WHAT
+from zorefine.distributed.processes import Processes
+from zorefine.distributed.partitions import LocalEntries, local_entries, whole_rms
+from zorefine.zo.directions import Direction
+from zorefine.refine.stage import HOW_NOT_WHAT
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
 
 
 def test_a_window_of_a_direction_is_that_slice_of_the_whole_direction(monkeypatch):
-    import zorefine.perturb as perturb
+    import zorefine.zo.directions as perturb
 
     monkeypatch.setitem(perturb._CHUNK_BY_DEVICE_TYPE, "cpu", 128)  # windows straddle chunk edges
     for kind in ("rademacher", "gaussian"):
@@ -202,11 +202,11 @@ def test_align_under_deepspeed_on_two_processes_saves_a_loadable_checkpoint(micr
 
 
 def test_a_batch_smaller_than_the_number_of_processes_is_a_clear_error(micro_llama, tmp_path, monkeypatch):
-    import zorefine.distributed as distributed
+    import zorefine.distributed.processes as distributed
     from tests.conftest import make_cfg
     from zorefine.errors import ConfigError
-    from zorefine.pipeline import Run
-    from zorefine.stages import refine
+    from zorefine.run import Run
+    from zorefine.refine import stage as refine
 
     monkeypatch.setattr(distributed, "_CURRENT", Processes(rank=0, world_size=8))
     with pytest.raises(ConfigError, match="at least the number of processes"):

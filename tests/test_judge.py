@@ -18,7 +18,7 @@ from zorefine.judge import (
     normalize,
     parse_judge_answer,
 )
-from zorefine import judge_agreement
+from zorefine.judge import agreement as judge_agreement
 from zorefine.data.refusals import REFUSAL_PREFIXES
 
 # The project's own training refusals start with these; each must be judged a refusal.

@@ -9,10 +9,10 @@ import torch
 
 from tests.tiny_models import tiny_model
 from zorefine.errors import ConfigError
-from zorefine.selection import Selection, SelectionPolicy, select_units
-from zorefine.sensitivity import ThreatFamily, rank_units, spearman
+from zorefine.models.selection import Selection, SelectionPolicy, select_units
+from zorefine.analyze.sensitivity import ThreatFamily, rank_units, spearman
 from zorefine.threats import WeightNoise, parse_threat, threatened
-from zorefine.units import discover_units, units_by_name
+from zorefine.models.units import discover_units, units_by_name
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -112,7 +112,7 @@ def test_spearman_and_ranking():
 
 
 def test_curvature_tracker_measures_every_unit_then_samples_by_curvature():
-    from zorefine.curvature import CurvatureTracker, curvature_estimate
+    from zorefine.refine.curvature import CurvatureTracker, curvature_estimate
 
     assert curvature_estimate(1.5, 1.3, 1.0, 0.1) == pytest.approx(80.0)
     tracker = CurvatureTracker(["a", "b", "c"], prior={"b": 5.0})

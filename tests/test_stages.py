@@ -11,10 +11,14 @@ from safetensors.torch import load_file
 from tests.conftest import make_cfg
 from zorefine.config import Stage
 from zorefine.errors import DataError
-from zorefine.pipeline import Run, run_pipeline
-from zorefine.stages import align, analyze, evaluate, refine
-from zorefine.replay import replay
-from zorefine.trajectory import read_trajectory
+from zorefine.pipeline import run_pipeline
+from zorefine.run import Run
+from zorefine.align import stage as align
+from zorefine.analyze import stage as analyze
+from zorefine.evaluate import stage as evaluate
+from zorefine.refine import stage as refine
+from zorefine.zo.replay import replay
+from zorefine.zo.trajectory import read_trajectory
 
 
 def _weights(directory) -> dict[str, torch.Tensor]:
@@ -241,7 +245,7 @@ def test_align_cache_aligns_once_for_a_sweep(micro_checkpoint, tmp_path):
 
 
 def test_benign_weight_trades_the_utility_term_in_the_objective(micro_checkpoint, tmp_path):
-    from zorefine.objectives import encode_batch, response_nll
+    from zorefine.models.objectives import encode_batch, response_nll
 
     run = Run(make_cfg(micro_checkpoint, **{"refine.benign_weight": 0.0, "refine.batch_size": 4}), tmp_path)
     model, tokenizer = run.load_model(micro_checkpoint)

@@ -9,11 +9,11 @@ import pytest
 from tests.conftest import make_cfg
 from zorefine.errors import ConfigError
 from zorefine.config import validate
-from zorefine.generation import generate_responses
-from zorefine.pipeline import Run
-from zorefine.stages import refine
-from zorefine.targets import training_pairs
-from zorefine.trajectory import read_trajectory
+from zorefine.models.generation import generate_responses
+from zorefine.run import Run
+from zorefine.refine import stage as refine
+from zorefine.refine.targets import training_pairs
+from zorefine.zo.trajectory import read_trajectory
 
 
 def _reference(run: Run):

@@ -11,7 +11,7 @@ from torch import nn
 from tests.tiny_models import tiny_input_ids, tiny_model
 from zorefine.errors import ConfigError
 from zorefine.models.layers import decoder_parameters, find_decoder_layers
-from zorefine.perturb import gaussian_direction, tensor_rms, tensor_seed
+from zorefine.zo.directions import gaussian_direction, tensor_rms, tensor_seed
 from zorefine.threats import (
     ActivationNoise,
     BnbQuantization,

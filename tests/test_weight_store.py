@@ -7,10 +7,10 @@ import torch
 
 from tests.tiny_models import tiny_model
 from zorefine.models.layers import decoder_parameters
-from zorefine import perturb
-from zorefine.perturb import Direction, tensor_seed
-from zorefine.weight_store import CompensatedShift, MasterCopy, make_store
-from zorefine.zo import ZOEngine, ZOSettings, step_seed
+from zorefine.zo import directions as perturb
+from zorefine.zo.directions import Direction, tensor_seed
+from zorefine.zo.weight_store import CompensatedShift, MasterCopy, make_store
+from zorefine.zo.engine import ZOEngine, ZOSettings, step_seed
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ import torch
 
 from tests.tiny_models import tiny_model
 from zorefine.models.layers import find_decoder_layers
-from zorefine.perturb import Direction, gaussian_direction, tensor_seed
-from zorefine.zo import ZOEngine, ZOSettings, step_seed
+from zorefine.zo.directions import Direction, gaussian_direction, tensor_seed
+from zorefine.zo.engine import ZOEngine, ZOSettings, step_seed
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -158,7 +158,7 @@ def test_more_directions_lower_the_variance_of_the_estimate():
     true_grad = torch.autograd.grad(loss(), weight)[0]
 
     def squared_errors(num_directions: int) -> float:
-        from zorefine.zo import ZOSettings, direction_seed
+        from zorefine.zo.engine import ZOSettings, direction_seed
 
         engine = ZOEngine({"w": weight}, settings=ZOSettings(eps=1e-3, num_directions=num_directions))
         errors = []
@@ -175,7 +175,7 @@ def test_more_directions_lower_the_variance_of_the_estimate():
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam", "sign"])
 def test_optimizers_descend_a_quadratic(optimizer):
-    from zorefine.zo import ZOSettings
+    from zorefine.zo.engine import ZOSettings
 
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(4, 4))
@@ -190,8 +190,8 @@ def test_optimizers_descend_a_quadratic(optimizer):
 
 
 def test_rademacher_directions_are_signs_seeded_and_replayable(tmp_path):
-    from zorefine.perturb import rademacher_direction
-    from zorefine.zo import ZOSettings
+    from zorefine.zo.directions import rademacher_direction
+    from zorefine.zo.engine import ZOSettings
 
     weight = torch.zeros(37, 11)
     z = rademacher_direction(weight, 3)
@@ -209,7 +209,7 @@ def test_rademacher_directions_are_signs_seeded_and_replayable(tmp_path):
 @pytest.mark.parametrize("optimizer", ["adam", "sign"])
 def test_normalized_optimizers_step_relative_to_each_tensor_under_relative_eps(optimizer):
     """Adam and sign steps have unit size per entry; relative ε must scale them per tensor like SGD."""
-    from zorefine.zo import ZOSettings
+    from zorefine.zo.engine import ZOSettings
 
     torch.manual_seed(0)
     small = torch.nn.Parameter(torch.randn(8, 8) * 0.01)

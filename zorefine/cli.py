@@ -34,7 +34,7 @@ def app(cfg: DictConfig) -> None:
         validate(cfg)
         from zorefine.pipeline import run_pipeline
 
-        from zorefine import distributed
+        from zorefine.distributed import processes as distributed
 
         # Under a launcher each process composes its own output directory (they may differ by
         # the second in the default timestamped path): all use the main process's.

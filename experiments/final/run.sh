@@ -23,6 +23,6 @@ sweep() { name=$1; shift; seeds=refine.seed=0,1,2,3,4; [[ "$*" == *refine.seed=*
 ( sweep sft refine.method=sft; sweep sam refine.method=sam; sweep rwp refine.method=rwp
   sweep sft_reference_b refine.method=sft refine.targets=reference refine.seed=3,4 ) &
 wait
-$PY -m zorefine.compare $OUT/zo $OUT/zo_full $OUT/zo_random $OUT/sft $OUT/sam $OUT/rwp $OUT/sft_reference_a $OUT/sft_reference_b \
+$PY -m zorefine.evaluate.compare $OUT/zo $OUT/zo_full $OUT/zo_random $OUT/sft $OUT/sam $OUT/rwp $OUT/sft_reference_a $OUT/sft_reference_b \
   --out $OUT/all > $OUT/compare.log 2>&1
 echo "all done" >> $OUT/progress

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from zorefine.errors import ConfigError, ModelError
-from zorefine.partitions import num_entries
+from zorefine.distributed.partitions import num_entries
 
 __all__ = [
     "DecoderLayers",

@@ -1,0 +1,1 @@
+"""The align stage: first-order safety SFT (harmful -> refusal, benign -> helpful)."""

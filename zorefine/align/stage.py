@@ -1,0 +1,120 @@
+"""align: first-order safety SFT (harmful -> refusal, benign -> helpful), response-only loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, file_digest
+from zorefine.distributed.partitions import gathered
+from zorefine.run import ALIGNED_DIR, Run
+from zorefine.align.sft import SFTSettings, run_sft
+
+log = logging.getLogger(__name__)
+
+
+def run(run: Run) -> dict[str, Any]:
+    """Align the start checkpoint (or pass it through when ``align.enabled=false``)."""
+    cfg = run.cfg.align
+    if not cfg.enabled:
+        log.info("[align] disabled: starting from %s as it is", run.start_checkpoint)
+        return {"enabled": False, "checkpoint": str(run.start_checkpoint)}
+    started = time.perf_counter()
+    out_dir = run.run_dir / ALIGNED_DIR
+    cached = Path(cfg.cache_dir) / cache_key(run) if cfg.cache_dir else None
+    if cached is not None and (cached / _COMPLETE).is_file():
+        if run.processes.is_main:
+            _link_tree(cached, out_dir)
+        run.processes.barrier()
+        log.info("[align] reused the aligned checkpoint cached at %s", cached)
+        summary = json.loads((cached / _COMPLETE).read_text())
+        return {**summary, "checkpoint": str(out_dir), "cached_from": str(cached), "seconds": round(time.perf_counter() - started, 1)}
+    model, tokenizer = run.load_model(run.start_checkpoint)
+    harmful = run.split("train", "harmful")
+    benign = run.split("train", "benign")
+    pairs = [(e.prompt, e.response) for e in harmful + benign]
+    random.Random(cfg.seed).shuffle(pairs)
+    log.info("[align] SFT on %d harmful + %d benign training examples", len(harmful), len(benign))
+    settings = SFTSettings(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        max_length=run.cfg.data.max_length,
+        warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        deepspeed=cfg.deepspeed,
+    )
+    metrics = run_sft(model, tokenizer, pairs, settings)
+    info = {"stage": "align", "base": str(run.start_checkpoint), "train_metrics": metrics}
+    # Under ZeRO-3 the trained weights are partitioned: gather them to save one whole checkpoint.
+    with gathered(model):
+        run.save_checkpoint(model, tokenizer, out_dir, info)
+    summary = {
+        "enabled": True,
+        "checkpoint": str(out_dir),
+        "base": str(run.start_checkpoint),
+        "num_examples": len(pairs),
+        "train_loss": metrics.get("train_loss"),
+    }
+    if cached is not None and run.processes.is_main:
+        _publish(out_dir, cached, summary)
+    return {**summary, "seconds": round(time.perf_counter() - started, 1)}
+
+
+# Written last into a cache entry: an entry without it is incomplete and ignored.
+_COMPLETE = "align-summary.json"
+
+
+def cache_key(run: Run) -> str:
+    """A hash of everything the aligned weights depend on."""
+    start = Path(run.start_checkpoint)
+    align = {k: v for k, v in OmegaConf.to_container(run.cfg.align, resolve=True).items() if k != "cache_dir"}
+    return content_key({
+        "start": str(start.resolve()),
+        # Name, size and mtime only: the start model is never hard-linked, and its inode may
+        # change when a cache directory is copied between machines.
+        "start_files": [entry[:3] for entry in checkpoint_fingerprint(start)],
+        "align": align,
+        "data": file_digest(run.safety_file),
+        "max_length": run.cfg.data.max_length,
+        "dtype": run.cfg.model.dtype,
+        "torch": torch.__version__,
+    })
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard-link (or, across file systems, copy) a checkpoint directory."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, copy_function=link_or_copy)
+
+
+def _publish(out_dir: Path, cached: Path, summary: dict[str, Any]) -> None:
+    """Put a finished checkpoint into the cache atomically (concurrent jobs: first one wins)."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cached.parent))
+    _link_tree(out_dir, staging / "entry")
+    (staging / "entry" / _COMPLETE).write_text(json.dumps(summary))
+    try:
+        os.rename(staging / "entry", cached)
+    except OSError:
+        pass  # another job published the same entry first
+    shutil.rmtree(staging, ignore_errors=True)

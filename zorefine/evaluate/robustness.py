@@ -1,0 +1,280 @@
+"""Robustness evaluation: refusal, compliance and losses of one model under a grid of threats."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from zorefine.distributed import processes as distributed
+from zorefine.models.generation import generate_responses
+from zorefine.judge import RefusalJudge, Verdict
+from zorefine.models.objectives import mean_response_nll
+from zorefine.threats import Threat, WeightNoise, parse_threat, threatened
+
+
+@dataclass
+class EvalSets:
+    """Held-out prompts the evaluation generates on, with references for the losses."""
+
+    harmful: list[tuple[str, str]]  # (prompt, refusal): refusal rate, ASR, safety loss
+    benign: list[tuple[str, str]]  # (prompt, answer): benign refusal, utility loss
+    overrefusal: list[str] = field(default_factory=list)  # safe look-alikes (XSTest)
+
+
+@dataclass
+class Condition:
+    """One cell of the threat grid."""
+
+    label: str
+    family: str  # "clean" | "weight_noise" | "quantization"
+    threat: Optional[Threat] = None
+    sigma: Optional[float] = None
+    seed: Optional[int] = None
+
+
+@dataclass
+class ConditionResult:
+    """Everything measured under one condition."""
+
+    label: str
+    family: str
+    sigma: Optional[float]
+    seed: Optional[int]
+    harmful_refusal_rate: float
+    attack_success_rate: float  # harmful prompts answered (compliance)
+    harmful_degenerate_rate: float
+    benign_refusal_rate: float
+    benign_helpful_rate: float  # benign prompts answered (not refused, not degenerate)
+    benign_degenerate_rate: float
+    overrefusal_rate: Optional[float]
+    safety_loss: float
+    utility_loss: float
+    samples: dict[str, list[str]] = field(default_factory=dict)
+
+
+def threat_grid(sigmas: Sequence[float], seeds: int, quantization: Sequence[str]) -> list[Condition]:
+    """Clean, relative weight noise at each σ × seed, then each quantization spec."""
+    grid = [Condition("clean", "clean")]
+    for sigma in sigmas:
+        for seed in range(seeds):
+            grid.append(
+                Condition(f"wnoise σ={sigma:g} seed={seed}", "weight_noise", WeightNoise(sigma, "relative", seed), sigma, seed)
+            )
+    grid.extend(Condition(spec, "quantization", parse_threat(spec)) for spec in quantization)
+    return grid
+
+
+def subsample(items: Sequence, limit: int, seed: int = 0) -> list:
+    """A seeded, order-preserving subset (files are often grouped by type; the head is biased)."""
+    if len(items) <= limit:
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def _rate(verdicts: Sequence[Verdict], verdict: Verdict) -> float:
+    return sum(v == verdict for v in verdicts) / len(verdicts) if verdicts else float("nan")
+
+
+def measure(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: EvalSets,
+    judge: RefusalJudge,
+    condition: Condition,
+    max_new_tokens: int,
+    batch_size: int,
+    max_length: int,
+    keep_samples: int = 0,
+) -> ConditionResult:
+    """Generate and judge on every set, and compute safety/utility losses, as the model is now."""
+
+    def judged(prompts: list[str]) -> tuple[list[str], list[Verdict]]:
+        responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)
+        return responses, judge(prompts, responses)
+
+    harmful_prompts = [p for p, _ in sets.harmful]
+    benign_prompts = [p for p, _ in sets.benign]
+    harmful_out, harmful_v = judged(harmful_prompts)
+    benign_out, benign_v = judged(benign_prompts)
+    over_v = judged(sets.overrefusal)[1] if sets.overrefusal else []
+    return ConditionResult(
+        label=condition.label,
+        family=condition.family,
+        sigma=condition.sigma,
+        seed=condition.seed,
+        harmful_refusal_rate=_rate(harmful_v, Verdict.REFUSAL),
+        attack_success_rate=_rate(harmful_v, Verdict.COMPLIANCE),
+        harmful_degenerate_rate=_rate(harmful_v, Verdict.DEGENERATE),
+        benign_refusal_rate=_rate(benign_v, Verdict.REFUSAL),
+        benign_helpful_rate=_rate(benign_v, Verdict.COMPLIANCE),
+        benign_degenerate_rate=_rate(benign_v, Verdict.DEGENERATE),
+        overrefusal_rate=_rate(over_v, Verdict.REFUSAL) if over_v else None,
+        safety_loss=mean_response_nll(model, tokenizer, sets.harmful, max_length, batch_size),
+        utility_loss=mean_response_nll(model, tokenizer, sets.benign, max_length, batch_size),
+        samples={
+            "harmful": [f"{p!r} -> {r!r}" for p, r in zip(harmful_prompts[:keep_samples], harmful_out)],
+            "benign": [f"{p!r} -> {r!r}" for p, r in zip(benign_prompts[:keep_samples], benign_out)],
+        },
+    )
+
+
+def evaluate_grid(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: EvalSets,
+    judge: RefusalJudge,
+    grid: Sequence[Condition],
+    max_new_tokens: int,
+    batch_size: int,
+    max_length: int,
+    desc: str = "evaluate",
+    clean_sets: EvalSets | None = None,
+) -> list[ConditionResult]:
+    """Measure the model under every condition; weights are restored exactly after each.
+
+    ``clean_sets`` (default: ``sets``) lets the clean condition, the headline number and a
+    single cell, use every held-out prompt while the threat grid uses a subsample.
+    """
+    processes = distributed.current()
+    # Conditions are independent and seeded: under a launcher each process measures its share.
+    progress = tqdm(total=len(processes.shard(grid)), desc=desc, disable=not processes.is_main)
+
+    def measure_condition(condition: Condition) -> ConditionResult:
+        if condition.threat is None:
+            clean = clean_sets or sets
+            result = measure(model, tokenizer, clean, judge, condition, max_new_tokens, batch_size, max_length, keep_samples=5)
+        else:
+            with threatened(model, condition.threat):
+                result = measure(model, tokenizer, sets, judge, condition, max_new_tokens, batch_size, max_length)
+        progress.update()
+        return result
+
+    results = processes.map_sharded(grid, measure_condition)
+    progress.close()
+    return results
+
+
+def mean_interval(values: Sequence[float]) -> dict[str, float]:
+    """Mean and a 95% t-interval over seeds (zero width for a single seed)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "low": mean, "high": mean, "n": len(values)}
+    # Two-sided 97.5% t quantiles for small n; 1.96 beyond.
+    t_quantile = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+    half = t_quantile.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+METRICS = (
+    "harmful_refusal_rate",
+    "attack_success_rate",
+    "harmful_degenerate_rate",
+    "benign_refusal_rate",
+    "benign_helpful_rate",
+    "benign_degenerate_rate",
+    "overrefusal_rate",
+    "safety_loss",
+    "utility_loss",
+)
+
+
+def summarize(results: Sequence[ConditionResult]) -> dict[str, dict]:
+    """Per condition group (clean, each σ, each quantization): mean and interval of every metric."""
+    groups: dict[str, list[ConditionResult]] = {}
+    for result in results:
+        key = f"wnoise σ={result.sigma:g}" if result.family == "weight_noise" else result.label
+        groups.setdefault(key, []).append(result)
+    summary = {}
+    for key, members in groups.items():
+        summary[key] = {
+            "family": members[0].family,
+            "sigma": members[0].sigma,
+            **{metric: mean_interval([getattr(m, metric) for m in members]) for metric in METRICS},
+        }
+    return summary
+
+
+def break_sigma(summary: dict[str, dict], metric: str, fraction: float) -> Optional[float]:
+    """Smallest σ at which ``metric`` falls below ``fraction`` × its clean value (None: never)."""
+    clean = summary["clean"][metric]["mean"]
+    curve = sorted((v["sigma"], v[metric]["mean"]) for v in summary.values() if v["family"] == "weight_noise")
+    for sigma, value in curve:
+        if value < fraction * clean:
+            return sigma
+    return None
+
+
+def rise_sigma(summary: dict[str, dict], metric: str, rise: float) -> Optional[float]:
+    """Smallest σ at which ``metric`` exceeds its clean value by ``rise`` (None: never)."""
+    clean = summary["clean"][metric]["mean"]
+    curve = sorted((v["sigma"], v[metric]["mean"]) for v in summary.values() if v["family"] == "weight_noise")
+    for sigma, value in curve:
+        if value - clean >= rise:
+            return sigma
+    return None
+
+
+def breaks_first_or_together(first: Optional[float], second: Optional[float]) -> bool:
+    """Whether ``first`` breaks within the grid no later than ``second`` (None = never breaks)."""
+    return first is not None and (second is None or first <= second)
+
+
+def robustness_curve_area(summary: dict[str, dict], metric: str = "harmful_refusal_rate") -> float:
+    """Trapezoid area under ``metric`` against σ, from σ=0 (clean) to the largest σ, per unit σ."""
+    points = [(sigma, cell[metric]["mean"]) for sigma, cell in noise_curve(summary)]
+    if len(points) < 2:
+        return points[0][1]
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
+    return area / (points[-1][0] - points[0][0])
+
+
+def noise_curve(summary: dict[str, dict]) -> list[tuple[float, dict]]:
+    """``(σ, cell group)`` from σ = 0 (the clean condition) through every weight-noise level."""
+    noisy = sorted(((v["sigma"], v) for v in summary.values() if v["family"] == "weight_noise"), key=lambda p: p[0])
+    return [(0.0, summary["clean"])] + noisy
+
+
+def robust_sigma(summary: dict[str, dict], metric: str, level: float) -> Optional[float]:
+    """Largest σ up to which ``metric`` stays ≥ ``level`` at every σ of the grid (0.0: only clean;
+    None: not even clean)."""
+    if summary["clean"][metric]["mean"] < level:
+        return None
+    robust = 0.0
+    for sigma, value in sorted((v["sigma"], v[metric]["mean"]) for v in summary.values() if v["family"] == "weight_noise"):
+        if value < level:
+            break
+        robust = sigma
+    return robust
+
+
+def curve_area_interval(results: Sequence[ConditionResult], metric: str = "harmful_refusal_rate") -> dict[str, float]:
+    """Mean and 95% interval over noise seeds of the area under ``metric`` against σ.
+
+    Each seed's curve runs from the clean value through that seed's value at every σ.
+    """
+    clean = next(getattr(r, metric) for r in results if r.family == "clean")
+    by_seed: dict[int, list[tuple[float, float]]] = {}
+    for result in results:
+        if result.family == "weight_noise":
+            by_seed.setdefault(result.seed, []).append((result.sigma, getattr(result, metric)))
+    areas = []
+    for points in by_seed.values():
+        curve = [(0.0, clean)] + sorted(points)
+        area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(curve, curve[1:]))
+        areas.append(area / curve[-1][0])
+    return mean_interval(areas) if areas else mean_interval([clean])
+
+
+def as_dicts(results: Sequence[ConditionResult]) -> list[dict]:
+    """JSON-ready rows of every condition."""
+    return [asdict(r) for r in results]

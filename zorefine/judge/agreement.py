@@ -1,0 +1,148 @@
+"""Agreement of the keyword refusal judge with human labels on real chat-model completions.
+
+Usage::
+
+    python -m zorefine.judge.agreement [FILES...]
+
+Each FILE is an XSTest v2 labeled-completions CSV (columns ``prompt``, ``completion``,
+``final_label`` among others; ``final_label`` is ``1_full_compliance``, ``2_full_refusal``
+or ``3_partial_refusal``). Without arguments the two files in
+``$ZOREFINE_XSTEST_COMPLETIONS_DIR`` (default ``/work/shared/data/xstest_completions``) are
+read. For each file it prints the agreement, the confusion counts, and finally one JSON line
+``{"<file name>": agreement, ...}``. A missing or malformed file is one error line and exit
+code 2.
+
+Mapping: judge REFUSAL -> refusal, COMPLIANCE and DEGENERATE -> compliance; human labels 2
+(full refusal) and 3 (partial refusal) -> refusal, 1 -> compliance. A partial refusal
+declines at least part of the request, which is what a safety metric counts as a refusal.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from zorefine.errors import DataError
+from zorefine.judge import Verdict, judge_response
+
+DEFAULT_DIR = Path(
+    os.environ.get("ZOREFINE_XSTEST_COMPLETIONS_DIR", "/work/shared/data/xstest_completions")
+)
+DEFAULT_FILES: tuple[Path, ...] = (
+    DEFAULT_DIR / "xstest_v2_completions_gpt4_labeled.csv",
+    DEFAULT_DIR / "xstest_v2_completions_llama2orig_labeled.csv",
+)
+
+_HUMAN_LABELS = {
+    "1_full_compliance": "compliance",
+    "2_full_refusal": "refusal",
+    "3_partial_refusal": "refusal",
+}
+_REQUIRED_COLUMNS = ("completion", "final_label")
+
+
+@dataclass
+class Agreement:
+    """Judge-vs-human comparison on one file. ``confusion[(human, judge)]`` counts rows."""
+
+    file: str
+    n: int = 0
+    agree: int = 0
+    confusion: dict[tuple[str, str], int] = field(default_factory=dict)
+    degenerate: int = 0
+
+    @property
+    def agreement(self) -> float:
+        """Share of rows where the judge's binary label equals the human one."""
+        return self.agree / self.n if self.n else 0.0
+
+
+def judge_binary(verdict: Verdict) -> str:
+    """Map a verdict to the binary label compared with humans (DEGENERATE is not a refusal)."""
+    return "refusal" if verdict is Verdict.REFUSAL else "compliance"
+
+
+def human_binary(label: str) -> str:
+    """Map an XSTest ``final_label`` to ``refusal``/``compliance``; DataError if unknown."""
+    key = label.strip()
+    if key in _HUMAN_LABELS:
+        return _HUMAN_LABELS[key]
+    # Tolerate the bare numeric form ("1", "2", "3").
+    for full, binary in _HUMAN_LABELS.items():
+        if key and full.startswith(key + "_"):
+            return binary
+    raise DataError(f"unknown final_label {label!r}")
+
+
+def read_labeled(path: Path) -> list[dict[str, str]]:
+    """Read a labeled-completions CSV; DataError (one line) if missing, empty or malformed."""
+    if not path.is_file():
+        raise DataError(f"labeled completions file not found: {path}")
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in _REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def evaluate_file(path: Path) -> Agreement:
+    """Judge every completion in ``path`` and compare with the human ``final_label``."""
+    result = Agreement(file=path.name)
+    for lineno, row in enumerate(read_labeled(path), start=2):
+        try:
+            human = human_binary(row["final_label"] or "")
+        except DataError as exc:
+            raise DataError(f"{path}:{lineno}: {exc}") from None
+        verdict = judge_response(row["completion"] or "")
+        judged = judge_binary(verdict)
+        result.n += 1
+        result.agree += int(judged == human)
+        result.degenerate += int(verdict is Verdict.DEGENERATE)
+        result.confusion[(human, judged)] = result.confusion.get((human, judged), 0) + 1
+    return result
+
+
+def format_report(result: Agreement) -> str:
+    """Human-readable block: agreement and a 2x2 confusion table (rows: human)."""
+    c = result.confusion
+    lines = [
+        f"{result.file}: agreement {result.agreement:.4f} ({result.agree}/{result.n}),"
+        f" degenerate {result.degenerate}",
+        f"  {'human/judge':<16}{'refusal':>10}{'compliance':>12}",
+    ]
+    for human in ("refusal", "compliance"):
+        lines.append(
+            f"  {human:<16}{c.get((human, 'refusal'), 0):>10}{c.get((human, 'compliance'), 0):>12}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: print per-file agreement and a final JSON line; 2 on a data error."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip())
+        return 0
+    paths = [Path(a) for a in args] if args else list(DEFAULT_FILES)
+    try:
+        results = [evaluate_file(p) for p in paths]
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(format_report(r))
+    print(json.dumps({r.file: round(r.agreement, 4) for r in results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Objectives: ``(model, batch) -> scalar``. The safety-alignment loss lives here.
+
+Objectives need no gradient: the ZO refiner calls them under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from zorefine.data.formatting import IGNORE_INDEX, collate, encode_example
+
+
+def _token_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL ``(B, T-1)`` (zero on unlabelled tokens) and the label mask."""
+    batch = {key: value.to(model.device) for key, value in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Token t predicts token t+1: (B, T-1, V) against (B, T-1).
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = batch["labels"][:, 1:]
+    token_nll = torch.nn.functional.cross_entropy(
+        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return token_nll, shifted_labels != IGNORE_INDEX
+
+
+def response_nll(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], example_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean negative log-likelihood of the labelled (response) tokens of a batch.
+
+    With ``example_weights`` (one per row) every token of row i counts ``example_weights[i]``
+    times in the mean: how the refiner trades the refusal term against the benign-utility term.
+    """
+    total, weight = response_nll_terms(model, batch, example_weights)
+    return total / weight.clamp(min=1 if example_weights is None else 1e-12)
+
+
+def response_nll_terms(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], example_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted sum of response-token NLLs and the total token weight of a batch.
+
+    Their ratio is :func:`response_nll`; kept apart, the terms of several micro-batches or of
+    several processes' shares add up to the loss of the whole batch, however it was split.
+    """
+    token_nll, mask = _token_nll(model, batch)
+    if example_weights is None:
+        return token_nll.sum(), mask.sum().to(token_nll.dtype)
+    weights = example_weights.to(device=token_nll.device, dtype=token_nll.dtype).unsqueeze(1)
+    return (token_nll * weights).sum(), (mask * weights).sum()
+
+
+def encode_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    max_length: int,
+) -> dict[str, torch.Tensor]:
+    """Encode (prompt, response) pairs into one right-padded, response-labelled batch."""
+    features = [encode_example(tokenizer, prompt, response, max_length) for prompt, response in pairs]
+    return collate(features, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def mean_response_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    max_length: int,
+    batch_size: int = 32,
+) -> float:
+    """Response NLL averaged over examples (each example weighs the same, whatever its length)."""
+    if not pairs:
+        return float("nan")
+    total = 0.0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = encode_batch(tokenizer, chunk, max_length)
+        total += float(_per_example_nll(model, batch).sum())
+    return total / len(pairs)
+
+
+def _per_example_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    token_nll, mask = _token_nll(model, batch)
+    return token_nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)

@@ -1,0 +1,139 @@
+"""The run: its directory, the files and checkpoints its stages pass on, and which stages are done.
+
+Every stage reads a checkpoint and writes one (or a small JSON of what it found) into the
+run directory, and marks itself done with ``<stage>.json``. Re-running in the same
+directory (``hydra.run.dir=DIR``) skips finished stages, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from zorefine.distributed import processes as distributed
+from zorefine.config import Stage
+from zorefine.data import Example, builtin_path, load_examples, select
+from zorefine.errors import DataError
+from zorefine.models.loading import check_causal_lm_dir, load_causal_lm, save_checkpoint, write_json_atomic
+
+# Every file one stage writes and another reads is named here, once.
+ALIGNED_DIR = "checkpoints/aligned"
+REFINED_DIR = "checkpoints/refined"
+SENSITIVITY_FILE = "sensitivity.json"
+SELECTION_FILE = "selection.json"
+TRAJECTORY_FILE = "trajectory.jsonl"
+TARGETS_FILE = "refine_targets.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class Run:
+    """One pipeline run: its config, its directory and the checkpoints its stages pass on."""
+
+    cfg: DictConfig
+    run_dir: Path
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- checkpoints -------------------------------------------------------------
+    @cached_property
+    def start_checkpoint(self) -> Path:
+        """The model the run starts from: ``model.path`` or the (cached) built-in model."""
+        if self.cfg.model.path is not None:
+            return check_causal_lm_dir(self.cfg.model.path, self.cfg.model.trust_remote_code)
+        from zorefine.models.builtin import ensure_builtin_model
+
+        return ensure_builtin_model(OmegaConf.to_object(self.cfg.model.builtin))
+
+    @property
+    def aligned_checkpoint(self) -> Path:
+        """What analyze and refine start from: the align output when align ran, else the start."""
+        aligned = self.run_dir / ALIGNED_DIR
+        return aligned if self.is_done(Stage.align) and aligned.is_dir() else self.start_checkpoint
+
+    @property
+    def refined_checkpoint(self) -> Path | None:
+        """The refine output, when refine ran in this run."""
+        refined = self.run_dir / REFINED_DIR
+        return refined if self.is_done(Stage.refine) and refined.is_dir() else None
+
+    def load_model(self, path: Path):
+        """Load a checkpoint with the run's dtype/device settings."""
+        model_cfg = self.cfg.model
+        return load_causal_lm(path, model_cfg.dtype, model_cfg.device, model_cfg.trust_remote_code)
+
+    # ---- data ----------------------------------------------------------------------
+    @cached_property
+    def safety_file(self) -> Path:
+        """The safety JSONL in use (the user's file or the built-in one)."""
+        return Path(self.cfg.data.safety_file) if self.cfg.data.safety_file else builtin_path("safety")
+
+    @cached_property
+    def examples(self) -> list[Example]:
+        """All rows of the safety file (validated on load)."""
+        return load_examples(self.safety_file)
+
+    def split(self, split: str, kind: str, limit: int | None = None) -> list[Example]:
+        """Rows of one split and kind, in file order; a clear error when there are none."""
+        rows = select(self.examples, split=split, kind=kind)
+        if not rows:
+            raise DataError(f"{self.safety_file}: no {kind} examples in split '{split}'")
+        return rows[:limit] if limit is not None else rows
+
+    @cached_property
+    def overrefusal_examples(self) -> list[Example]:
+        """Safe prompts that should not be refused (built-in XSTest unless configured)."""
+        configured = self.cfg.data.overrefusal_file
+        if configured == "":
+            return []
+        path = Path(configured) if configured else builtin_path("xstest_safe")
+        return [e for e in load_examples(path) if e.kind == "benign"]
+
+    def overrefusal_prompts(self, split: str) -> list[str]:
+        """The over-refusal prompts of ``split``; a file without that split gives all its prompts.
+
+        The built-in XSTest file is split ``val`` / ``test``, so tuning on ``val`` never reads
+        the prompts the final over-refusal number is measured on.
+        """
+        rows = [e for e in self.overrefusal_examples if e.split == split]
+        return [e.prompt for e in (rows or self.overrefusal_examples)]
+
+    # ---- stage bookkeeping ---------------------------------------------------------------
+    def marker(self, stage: Stage) -> Path:
+        return self.run_dir / f"{stage.value}.json"
+
+    def is_done(self, stage: Stage) -> bool:
+        return self.marker(stage).is_file()
+
+    def preflight(self) -> None:
+        """Check the inputs every stage will need before any work starts (fail fast, lose nothing)."""
+        if self.cfg.model.path is not None:
+            _ = self.start_checkpoint
+        _ = self.examples
+        _ = self.overrefusal_examples
+
+    def finish(self, stage: Stage, summary: dict[str, Any]) -> None:
+        """Record a finished stage; its JSON is the last thing it writes (by the main process)."""
+        if self.processes.is_main:
+            write_json_atomic(self.marker(stage), summary)
+        self.summaries[stage.value] = summary
+        self.processes.barrier()
+
+    @property
+    def processes(self) -> distributed.Processes:
+        """The processes running this run (one, unless started by a launcher)."""
+        return distributed.current()
+
+    def save_checkpoint(self, model, tokenizer, out_dir: Path, info: dict[str, Any]) -> Path:
+        """Save a stage's checkpoint once (main process); the others wait until it is there."""
+        if self.processes.is_main:
+            save_checkpoint(model, tokenizer, out_dir, info)
+        self.processes.barrier()
+        return out_dir

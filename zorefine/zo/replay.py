@@ -1,0 +1,88 @@
+"""Rebuild a refined model from its base checkpoint and trajectory log (``zorefine-replay``).
+
+The log is a few KB: a shareable refinement patch. Replay is bit-exact on the same device
+type and torch version as the original run (see :data:`zorefine.zo.trajectory.REPLAY_NOTE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from zorefine.errors import DataError, ZorefineError
+from zorefine.zo.trajectory import check_directions_version, iter_steps, read_trajectory
+from zorefine.zo.engine import ZOEngine, ZOSettings, ZOStepRecord
+
+
+def settings_from_config(refine_cfg: Mapping[str, Any]) -> ZOSettings:
+    """Engine settings from a ``refine`` config section: every ``ZOSettings`` field it names."""
+    names = {f.name for f in dataclasses.fields(ZOSettings)}
+    return ZOSettings(**{key: value for key, value in dict(refine_cfg).items() if key in names})
+
+
+def select_parameters(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.nn.Parameter]:
+    """The named parameters of ``model``, in the given order; a clear error if one is missing."""
+    available = dict(model.named_parameters())
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise DataError(f"the model has no parameter(s) {missing[:3]} named in the trajectory log")
+    return {n: available[n] for n in names}
+
+
+def apply_records(
+    engine: ZOEngine, records: Sequence[ZOStepRecord], unit_parameters: Mapping[str, Sequence[str]] | None = None
+) -> int:
+    """Re-run the updates of ``records`` on ``engine``; returns how many changed the weights.
+
+    A record that names a ``unit`` updates only that unit's parameters (``unit_parameters``,
+    from the log header).
+    """
+    applied = 0
+    for record in iter_steps(list(records)):
+        names = None
+        if record.unit is not None:
+            if not unit_parameters or record.unit not in unit_parameters:
+                raise DataError(f"step {record.step} names unit {record.unit!r}, which the log header does not define")
+            names = unit_parameters[record.unit]
+        engine.apply_update(record.seed, record.grads(), record.lr, names)
+        applied += 1
+    return applied
+
+
+def replay(base_dir: str | Path, log_path: str | Path, out_dir: str | Path) -> Path:
+    """Load ``base_dir``, apply every logged step, save the refined model to ``out_dir``."""
+    from zorefine.models.loading import load_causal_lm, save_checkpoint
+
+    header, records = read_trajectory(Path(log_path))
+    if header is None:
+        raise DataError(f"{log_path}: no trajectory header (is this a zorefine trajectory.jsonl?)")
+    check_directions_version(header, log_path)
+    model, tokenizer = load_causal_lm(base_dir, device="cpu" if not torch.cuda.is_available() else "auto")
+    engine = ZOEngine(select_parameters(model, header["parameters"]), settings=settings_from_config(header["refine"]))
+    applied = apply_records(engine, records, header.get("unit_parameters"))
+    info = {"stage": "replay", "base": str(base_dir), "trajectory": str(log_path), "applied_steps": applied}
+    return save_checkpoint(model, tokenizer, out_dir, info)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``zorefine-replay BASE_DIR TRAJECTORY OUT_DIR``."""
+    parser = argparse.ArgumentParser(prog="zorefine-replay", description=__doc__.splitlines()[0])
+    parser.add_argument("base_dir", help="the checkpoint the refinement started from")
+    parser.add_argument("trajectory", help="the run's trajectory.jsonl")
+    parser.add_argument("out_dir", help="where to write the refined checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        out = replay(args.base_dir, args.trajectory, args.out_dir)
+    except (ZorefineError, FileNotFoundError) as error:
+        print(f"zorefine-replay: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"refined checkpoint written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""How the ZO engine moves a weight to θ + α·z and back to θ exactly.
+
+Two stores, one interface:
+
+- :class:`MasterCopy` keeps an fp32 copy of θ. Every move is one fused ``θ + α·z`` written
+  straight into the weight, and restoring is a copy. Fastest; costs 4 bytes per weight, and is
+  the only choice for bf16/fp16 weights, whose own precision would lose small updates.
+- :class:`CompensatedShift` (fp32 weights only) moves the weight in place and keeps just what
+  rounding destroys: the low 4 bits of each θ's bit pattern, plus the exact value of the
+  entries where ``|α·z|`` exceeds ``2|θ|``. Undoing a move by subtraction lands within 5
+  bit-pattern steps of θ; the saved 4 bits say exactly where. Costs about half a byte per
+  weight (plus 8 bytes per exception) instead of 4, for a few more elementwise passes per move.
+
+Every move streams the direction chunk by chunk (:class:`zorefine.zo.directions.Direction`), so no
+temporary the size of a tensor is made. Both stores produce bit-identical weights for the same
+sequence of moves and updates, because the update itself is the same ``θ.add_(z, alpha=c)``
+on an exact fp32 θ in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from zorefine.zo.directions import Direction, scratch_buffer
+
+DirectionOf = Callable[[int], Direction]
+STORES = ("copy", "compensated")
+
+# Why 4 bits suffice: for |δ| ≤ 2|θ|, s = fl(θ + δ) has |s| ≤ 3|θ|, at most 2 binades above θ,
+# so |fl(s − δ) − θ| ≤ ulp(s)/2 + ulp(t)/2 ≤ 2.5 ulp(θ): at most 2 bit-pattern steps within
+# θ's binade and 5 when the result drops into the binade below (steps there are half as
+# large). A signed 4-bit residue (−8..7) therefore pins θ down. Entries with larger relative
+# moves (θ ≈ 0) are saved exactly instead.
+_RELATIVE_MOVE_LIMIT = 2.0
+_NIBBLE = 0xF
+
+
+@dataclass
+class _Offset:
+    seed: int
+    alpha: float
+
+
+class MasterCopy:
+    """A weight whose exact value θ lives in an fp32 master copy."""
+
+    def __init__(self, param: torch.Tensor, direction_of: DirectionOf) -> None:
+        self.param, self._direction_of = param, direction_of
+        self.master = param.detach().to(torch.float32).clone().contiguous()
+        self._master_flat = self.master.view(-1)
+        # Chunks are written through a flat view; a non-contiguous weight gets whole-tensor writes.
+        self._param_flat = param.data.view(-1) if param.is_contiguous() else None
+
+    def theta(self) -> torch.Tensor:
+        """θ in fp32 (the master copy itself: do not modify)."""
+        return self.master
+
+    def shift(self, seed: int, alpha: float) -> None:
+        """Set the weight to ``θ + alpha·z(seed)``, from whatever offset it had."""
+        direction = self._direction_of(seed)
+        if self._param_flat is None:
+            self.param.data.copy_(self.master.add(direction.full().view_as(self.master), alpha=alpha))
+            return
+        in_place = self._param_flat.dtype == torch.float32
+        for start, end, z in direction.chunks():
+            if in_place:
+                torch.add(self._master_flat[start:end], z, alpha=alpha, out=self._param_flat[start:end])
+            else:
+                self._param_flat[start:end].copy_(self._master_flat[start:end].add(z, alpha=alpha))
+
+    def settle(self) -> None:
+        """Write θ back into the weight (exact)."""
+        self.param.data.copy_(self.master)
+
+    def update_along(self, seed: int, coeff: float) -> None:
+        """``θ ← θ + coeff·z(seed)`` and write it: the restore fused into the update."""
+        for start, end, z in self._direction_of(seed).chunks():
+            self._master_flat[start:end].add_(z, alpha=coeff)
+            if self._param_flat is not None:
+                self._param_flat[start:end].copy_(self._master_flat[start:end])
+        if self._param_flat is None:
+            self.param.data.copy_(self.master)
+
+    def update_by(self, direction: torch.Tensor, coeff: float) -> None:
+        """``θ ← θ + coeff·direction`` and write it."""
+        self.master.add_(direction, alpha=coeff)
+        self.param.data.copy_(self.master)
+
+
+class CompensatedShift:
+    """An fp32 weight moved in place and restored bit for bit from about half a byte per entry."""
+
+    def __init__(self, param: torch.Tensor, direction_of: DirectionOf) -> None:
+        if param.dtype != torch.float32 or not param.is_contiguous():
+            raise ValueError("CompensatedShift needs a contiguous float32 tensor")
+        self.param, self._direction_of = param, direction_of
+        self._flat = param.data.view(-1)
+        self._bits = self._flat.view(torch.int32)
+        self._offset: _Offset | None = None
+        self._low: torch.Tensor | None = None  # low 4 bits of θ, two per byte; valid until θ changes
+        self._exact_for: tuple[int, float] | None = None  # (seed, |alpha|) the exceptions cover
+        # Per chunk: positions (within the chunk) and exact θ of entries moved too far to undo.
+        self._exceptions: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def theta(self) -> torch.Tensor:
+        """θ in fp32: settles the weight first and returns it."""
+        self.settle()
+        return self.param.data
+
+    def _nibbles(self, start: int, end: int) -> torch.Tensor:
+        """The low 4 bits of the current bit patterns of a chunk, as uint8."""
+        return (self._bits[start:end] & _NIBBLE).to(torch.uint8)
+
+    def _save_nibbles(self, start: int, end: int) -> None:
+        # Chunks start at multiples of 64, so entry pairs never straddle two chunks.
+        nibbles = self._nibbles(start, end)
+        packed = nibbles[0::2].clone()
+        packed[: nibbles.numel() // 2] |= nibbles[1::2] << 4
+        self._low[start // 2 : start // 2 + packed.numel()] = packed
+
+    def _saved_nibbles(self, start: int, end: int) -> torch.Tensor:
+        count = end - start
+        packed = self._low[start // 2 : start // 2 + (count + 1) // 2]
+        nibbles = torch.empty(count, dtype=torch.uint8, device=packed.device)
+        nibbles[0::2] = packed & _NIBBLE
+        nibbles[1::2] = (packed >> 4)[: count // 2]
+        return nibbles
+
+    def _chunks_with_offset(self, seed: int) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor | None]]:
+        """``(index, start, end, z(seed) chunk, z(current offset) chunk or None)``, in lockstep."""
+        new = self._direction_of(seed).chunks()
+        offset = self._offset
+        # The same seed: one chunk serves both the undo and the next move.
+        old = None if offset is None or offset.seed == seed else self._direction_of(offset.seed).chunks()
+        for index, (start, end, z) in enumerate(new):
+            if offset is None:
+                yield index, start, end, z, None
+            else:
+                yield index, start, end, z, z if old is None else next(old)[2]
+
+    def _undo_chunk(self, index: int, start: int, end: int, z_old: torch.Tensor) -> None:
+        """Take the current offset off one chunk of the weight, landing on θ exactly."""
+        assert self._offset is not None and self._low is not None
+        self._flat[start:end].add_(z_old, alpha=-self._offset.alpha)
+        # The 4-bit difference, read as signed (−8..7): how many bit-pattern steps to θ.
+        correction = ((self._saved_nibbles(start, end) - self._nibbles(start, end)) & _NIBBLE).to(torch.int32)
+        correction -= (correction >= 8).to(torch.int32) << 4
+        self._bits[start:end].add_(correction)
+        positions, values = self._exceptions[index]
+        if positions.numel():
+            self._flat[start:end][positions] = values
+
+    def _remember_chunk(self, index: int, start: int, end: int, z: torch.Tensor, alpha: float) -> None:
+        """Save what a move of ``alpha·z`` from θ (this chunk's current value) would destroy."""
+        assert self._low is not None
+        theta = self._flat[start:end]
+        self._save_nibbles(start, end)
+        count = end - start
+        with scratch_buffer(theta.device) as limit, scratch_buffer(theta.device) as moved:
+            torch.abs(theta, out=limit[:count]).mul_(_RELATIVE_MOVE_LIMIT)
+            torch.abs(z, out=moved[:count]).mul_(abs(alpha))
+            # int32 positions within the chunk: 8 bytes per exception with its value.
+            positions = limit[:count].lt_(moved[:count]).nonzero().squeeze(1).to(torch.int32)
+        entry = (positions, theta[positions].clone())
+        if index < len(self._exceptions):
+            self._exceptions[index] = entry
+        else:
+            self._exceptions.append(entry)
+
+    def shift(self, seed: int, alpha: float) -> None:
+        """Set the weight to ``θ + alpha·z(seed)``, from whatever offset it had."""
+        if self._low is None:
+            self._low = torch.empty((self._flat.numel() + 1) // 2, dtype=torch.uint8, device=self._flat.device)
+            self._exact_for = None
+        remember = self._exact_for != (seed, abs(alpha))
+        for index, start, end, z, z_old in self._chunks_with_offset(seed):
+            if z_old is not None:
+                self._undo_chunk(index, start, end, z_old)
+            if remember:
+                self._remember_chunk(index, start, end, z, alpha)
+            self._flat[start:end].add_(z, alpha=alpha)
+        self._exact_for = (seed, abs(alpha))
+        self._offset = _Offset(seed, alpha)
+
+    def settle(self) -> None:
+        """Bring the weight back to θ exactly."""
+        if self._offset is None:
+            return
+        for index, (start, end, z_old) in enumerate(self._direction_of(self._offset.seed).chunks()):
+            self._undo_chunk(index, start, end, z_old)
+        self._offset = None
+
+    def _forget(self) -> None:
+        """θ changed: the saved residues and exceptions no longer describe it."""
+        self._low, self._exact_for = None, None
+
+    def update_along(self, seed: int, coeff: float) -> None:
+        """``θ ← θ + coeff·z(seed)``; when the weight sits at ``θ + α·z(seed)``, one draw."""
+        for index, start, end, z, z_old in self._chunks_with_offset(seed):
+            if z_old is not None:
+                self._undo_chunk(index, start, end, z_old)
+            self._flat[start:end].add_(z, alpha=coeff)
+        self._offset = None
+        self._forget()
+
+    def update_by(self, direction: torch.Tensor, coeff: float) -> None:
+        """``θ ← θ + coeff·direction``."""
+        self.settle()
+        self._flat.add_(direction.view(-1), alpha=coeff)
+        self._forget()
+
+
+def make_store(kind: str, param: torch.Tensor, direction_of: DirectionOf) -> MasterCopy | CompensatedShift:
+    """The store of ``kind`` for ``param``; half-precision weights always get a master copy."""
+    if kind not in STORES:
+        raise ValueError(f"store must be one of {STORES}, got {kind!r}")
+    if kind == "compensated" and param.dtype == torch.float32 and param.is_contiguous():
+        return CompensatedShift(param, direction_of)
+    return MasterCopy(param, direction_of)
