@@ -40,9 +40,9 @@ def test_every_method_gets_the_same_forward_budget(method, budget, expected_step
 
 
 def test_budget_counts_directions_and_micro_batches():
-    cfg = make_cfg(None, **{"refine.num_directions": 2, "refine.grad_accum": 2, "refine.steps": 5})
+    cfg = make_cfg(None, **{"refine.zo.num_directions": 2, "refine.grad_accum": 2, "refine.steps": 5})
     assert step_cost(cfg.refine) == 8 and steps_for(cfg.refine) == 5
-    sft = make_cfg(None, **{"refine.method": "sft", "refine.num_directions": 2, "refine.grad_accum": 2, "refine.steps": 5})
+    sft = make_cfg(None, **{"refine.method": "sft", "refine.zo.num_directions": 2, "refine.grad_accum": 2, "refine.steps": 5})
     assert step_cost(sft.refine) == 6 and steps_for(sft.refine) == 40 // 6
 
 

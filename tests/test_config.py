@@ -67,7 +67,7 @@ def test_unknown_stage_fails_at_composition():
         ("analyze.threats=[wnoise:big]", "wnoise:big"),
         ("analyze.granularity=neuron", "analyze.granularity"),
         ("analyze.rank_by=curvature analyze.curvature=false", "curvature"),
-        ("refine.eps=0", "refine.eps"),
+        ("refine.zo.eps=0", "refine.zo.eps"),
         ("model.dtype=int3", "model.dtype"),
         ("evaluate.sigmas=[0.1,-0.2]", "evaluate.sigmas"),
         ("stages=[refine]", "layer selection"),

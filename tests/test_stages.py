@@ -171,10 +171,10 @@ def test_full_pipeline_evaluates_before_and_after(micro_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"refine.optimizer": "adam", "refine.num_directions": 2, "refine.eps_mode": "relative"},
-        {"refine.optimizer": "momentum", "refine.lr_schedule": "cosine", "refine.grad_accum": 2},
-        {"refine.optimizer": "sign", "refine.objective_threat": "rtn:int4", "refine.eps_schedule": "linear"},
-        {"refine.objective_threat": "wnoise:0.05", "refine.direction": "rademacher"},
+        {"refine.zo.optimizer": "adam", "refine.zo.num_directions": 2, "refine.zo.eps_mode": "relative"},
+        {"refine.zo.optimizer": "momentum", "refine.lr_schedule": "cosine", "refine.grad_accum": 2},
+        {"refine.zo.optimizer": "sign", "refine.objective_threat": "rtn:int4", "refine.eps_schedule": "linear"},
+        {"refine.objective_threat": "wnoise:0.05", "refine.zo.direction": "rademacher"},
     ],
 )
 def test_refine_variants_replay_exactly(micro_checkpoint, tmp_path, overrides):

@@ -5,7 +5,7 @@
 # (refine.targets=self_benign), five refinement seeds each, val split, two lanes of one thread.
 STUDY=s10
 source "$(dirname "$0")/../val_study.sh"   # RUN, OUT, PY, sweep, analyze, compare_sweeps
-( sweep defaults; sweep eps1.0 refine.eps=1.0; sweep threat_aware refine.objective_threat=wnoise:0.6 refine.lr=0.02 ) &
-( sweep steps600 refine.steps=600; sweep eps0.25 refine.eps=0.25 ) &
+( sweep defaults; sweep eps1.0 refine.zo.eps=1.0; sweep threat_aware refine.objective_threat=wnoise:0.6 refine.lr=0.02 ) &
+( sweep steps600 refine.steps=600; sweep eps0.25 refine.zo.eps=0.25 ) &
 wait
 compare_sweeps defaults eps0.25 eps1.0 threat_aware steps600

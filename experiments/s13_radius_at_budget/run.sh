@@ -5,7 +5,7 @@
 # ε 0.25 and 0.35, shipped defaults otherwise, five refinement seeds each, val split, two lanes.
 STUDY=s13
 source "$(dirname "$0")/../val_study.sh"   # RUN, OUT, PY, sweep, analyze, compare_sweeps
-( sweep steps600_eps0.25 refine.steps=600 refine.eps=0.25 ) &
-( sweep steps600_eps0.35 refine.steps=600 refine.eps=0.35 ) &
+( sweep steps600_eps0.25 refine.steps=600 refine.zo.eps=0.25 ) &
+( sweep steps600_eps0.35 refine.steps=600 refine.zo.eps=0.35 ) &
 wait
 compare_sweeps steps600_eps0.25 steps600_eps0.35

@@ -1,10 +1,12 @@
-"""Typed configuration: one dataclass per config group, registered with Hydra."""
+"""Typed configuration: one module per config group, each with its dataclass and its checks.
 
-from zorefine.config.core import (  # noqa: F401
-    STAGE_ORDER,
-    BuiltinModelConfig,
-    Stage,
-    ZorefineConfig,
-    register_configs,
-    validate,
-)
+``schema`` assembles the groups into the run's schema and registers it with Hydra;
+``validate`` runs every group's checks and the ones across groups. The shipped option files
+of each group are in ``conf/`` (installed as ``zorefine.conf``); every field is described in
+``docs/configuration.md``.
+"""
+
+from zorefine.config.model import BuiltinModelConfig, ModelConfig  # noqa: F401
+from zorefine.config.refine import RefineConfig, zo_settings  # noqa: F401
+from zorefine.config.schema import STAGE_ORDER, Stage, ZorefineConfig, register_configs  # noqa: F401
+from zorefine.config.validate import validate  # noqa: F401

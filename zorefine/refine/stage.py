@@ -28,7 +28,8 @@ from zorefine.models.objectives import encode_batch, response_nll, response_nll_
 from zorefine.distributed.partitions import gathered, is_partitioned, partition_model
 from zorefine.run import REFINED_DIR, SELECTION_FILE, SENSITIVITY_FILE, TARGETS_FILE, TRAJECTORY_FILE, Run
 from zorefine.zo.prefix_cache import PrefixCache
-from zorefine.zo.replay import apply_records, settings_from_config
+from zorefine.config.refine import zo_settings
+from zorefine.zo.replay import apply_records
 from zorefine.models.selection import Selection, SelectionPolicy
 from zorefine.refine.targets import TrainingPairs, training_pairs
 from zorefine.threats import parse_threat, threatened
@@ -78,7 +79,7 @@ def selection_for_method(run: Run, model: torch.nn.Module) -> Selection:
 
 def _zo_step_cost(cfg) -> int:
     """Forward passes of one ZO step: 2 per direction (+1 for L(θ) under the curvature schedule)."""
-    return (2 * cfg.num_directions + (cfg.unit_schedule == "curvature")) * cfg.grad_accum
+    return (2 * cfg.zo.num_directions + (cfg.unit_schedule == "curvature")) * cfg.grad_accum
 
 
 def step_cost(cfg) -> int:
@@ -340,7 +341,7 @@ def _zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dict[str,
     if cfg.unit_schedule == "curvature":
         tracker = CurvatureTracker(list(unit_parameters), prior=analyzer_curvature(run))
     refine_cfg = OmegaConf.to_container(cfg, resolve=True)
-    engine = ZOEngine(params, settings=settings_from_config(refine_cfg))
+    engine = ZOEngine(params, settings=zo_settings(refine_cfg))
     # Layers below the first selected one are never perturbed: their output can be cached
     # (not with ZeRO-3, whose own hooks gather each layer's weights as it runs).
     partitioned = any(is_partitioned(p) for p in params.values())
@@ -369,7 +370,7 @@ def _zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dict[str,
         for step in progress:
             loss_fn = step_objective(run, model, tokenizer, sample(step), step, cache)
             lr = scheduled(cfg.lr, step, steps, cfg.lr_schedule)
-            eps = scheduled(cfg.eps, step, steps, cfg.eps_schedule, final_fraction=0.1)
+            eps = scheduled(cfg.zo.eps, step, steps, cfg.eps_schedule, final_fraction=0.1)
             unit = tracker.choose(step_seed(cfg.seed + _UNIT_SEED_OFFSET, step)) if tracker is not None else None
             names = unit_parameters[unit] if unit is not None else None
             record = engine.step(step, step_seed(cfg.seed, step), lr, loss_fn, eps=eps, names=names, evaluate_clean=unit is not None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, Tuple
 
 import torch
 
@@ -60,17 +60,22 @@ def scheduled(base: float, step: int, total: int, schedule: str, final_fraction:
 
 @dataclass
 class ZOSettings:
-    """How the engine perturbs and updates."""
+    """How the engine perturbs and updates (the pipeline's values: ``refine.zo`` in the config)."""
 
+    # The perturbation radius.
     eps: float = 1e-3
-    # "absolute": the same ε for every tensor; "relative": ε × each tensor's RMS at the start.
+    # "absolute": the same ε for every tensor; "relative": ε × each tensor's RMS at the start
+    # (a smoothing radius on the scale of the weight-noise threat).
     eps_mode: str = "absolute"
+    # n-SPSA: directions averaged per step (2 forward passes each).
     num_directions: int = 1
-    # "gaussian" (MeZO) or "rademacher" (±1 entries; cheaper to regenerate).
+    # "rademacher" (±1 entries: one random bit each, ~6x cheaper to regenerate than a Gaussian on
+    # CPU, same expected gradient, lower variance) or "gaussian" (as in MeZO).
     direction: str = "rademacher"
+    # "sgd" | "momentum" | "adam" | "sign" (state, if any, only for the selected tensors).
     optimizer: str = "sgd"
     momentum: float = 0.9
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     # "copy": an fp32 master copy of the selected weights (fastest, 4 bytes per weight);
     # "compensated": fp32 weights are moved in place and restored exactly from ~half a byte per

@@ -7,7 +7,6 @@ type and torch version as the original run (see :data:`zorefine.zo.trajectory.RE
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,13 +15,8 @@ import torch
 
 from zorefine.errors import DataError, ZorefineError
 from zorefine.zo.trajectory import check_directions_version, iter_steps, read_trajectory
-from zorefine.zo.engine import ZOEngine, ZOSettings, ZOStepRecord
-
-
-def settings_from_config(refine_cfg: Mapping[str, Any]) -> ZOSettings:
-    """Engine settings from a ``refine`` config section: every ``ZOSettings`` field it names."""
-    names = {f.name for f in dataclasses.fields(ZOSettings)}
-    return ZOSettings(**{key: value for key, value in dict(refine_cfg).items() if key in names})
+from zorefine.config.refine import zo_settings
+from zorefine.zo.engine import ZOEngine, ZOStepRecord
 
 
 def select_parameters(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.nn.Parameter]:
@@ -63,7 +57,7 @@ def replay(base_dir: str | Path, log_path: str | Path, out_dir: str | Path) -> P
         raise DataError(f"{log_path}: no trajectory header (is this a zorefine trajectory.jsonl?)")
     check_directions_version(header, log_path)
     model, tokenizer = load_causal_lm(base_dir, device="cpu" if not torch.cuda.is_available() else "auto")
-    engine = ZOEngine(select_parameters(model, header["parameters"]), settings=settings_from_config(header["refine"]))
+    engine = ZOEngine(select_parameters(model, header["parameters"]), settings=zo_settings(header["refine"]))
     applied = apply_records(engine, records, header.get("unit_parameters"))
     info = {"stage": "replay", "base": str(base_dir), "trajectory": str(log_path), "applied_steps": applied}
     return save_checkpoint(model, tokenizer, out_dir, info)

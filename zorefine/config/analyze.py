@@ -1,0 +1,60 @@
+"""The ``analyze`` group: how unit fragility is measured and which units are selected."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from omegaconf import DictConfig
+
+from zorefine.config.checks import require
+from zorefine.models.selection import SelectionPolicy
+from zorefine.threats import parse_threat
+
+RANKINGS = ("safety_loss_rise", "refusal_drop", "curvature")
+
+
+@dataclass
+class AnalyzeConfig:
+    """Unit fragility under threats, and the selection of units the refiner works on."""
+
+    # "layer" (decoder layers), "module" (attention / MLP / norms of each layer) or "tensor".
+    granularity: str = "layer"
+    # Threat specs applied to one unit at a time (see zorefine.threats); random ones per seed.
+    threats: List[str] = field(default_factory=lambda: ["wnoise:0.5"])
+    seeds: int = 3
+    # Average each noise sample with its mirror image (-z): cancels the first-order term.
+    antithetic: bool = True
+    num_prompts: int = 48
+    num_benign: int = 48
+    # Generate and judge refusals under every trial (the refusal-drop score); false: losses only.
+    measure_refusal: bool = True
+    max_new_tokens: int = 12
+    # ZO-curvature score (L(θ+εz)+L(θ−εz)−2L(θ))/ε² per unit at relative radius curvature_eps.
+    curvature: bool = True
+    curvature_eps: float = 0.05
+    # "safety_loss_rise", "refusal_drop" or "curvature".
+    rank_by: str = "safety_loss_rise"
+    # Selection policy: "top_k", "budget" (fraction of decoder parameters), "threshold" or "names".
+    policy: str = "top_k"
+    top_k: int = 2
+    budget: float = 0.25
+    threshold: float = 0.0
+    names: List[str] = field(default_factory=list)
+    batch_size: int = 48
+
+
+def check_analyze(cfg: DictConfig) -> None:
+    """Ranges and combinations the ``analyze`` group's types cannot express."""
+    require(cfg.granularity in ("layer", "module", "tensor"), "analyze.granularity must be layer, module or tensor")
+    require(len(cfg.threats) > 0, "analyze.threats: give at least one threat spec, e.g. [wnoise:0.5]")
+    for spec in cfg.threats:
+        parse_threat(spec)  # a bad spec fails here, before any model is loaded
+    require(cfg.seeds >= 1, "analyze.seeds must be >= 1")
+    require(cfg.num_prompts >= 1, "analyze.num_prompts must be >= 1")
+    require(cfg.num_benign >= 0, "analyze.num_benign must be >= 0")
+    require(cfg.curvature_eps > 0, "analyze.curvature_eps must be > 0")
+    require(cfg.rank_by in RANKINGS, f"analyze.rank_by must be safety_loss_rise, refusal_drop or curvature; got {cfg.rank_by!r}")
+    require(cfg.rank_by != "curvature" or cfg.curvature, "analyze.rank_by=curvature needs analyze.curvature=true")
+    require(cfg.rank_by != "refusal_drop" or cfg.measure_refusal, "analyze.rank_by=refusal_drop needs analyze.measure_refusal=true")
+    SelectionPolicy(cfg.policy, cfg.top_k, cfg.budget, cfg.threshold, list(cfg.names))

@@ -1,0 +1,35 @@
+"""One check of a composed config: every group's own checks, then the ones across groups."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from zorefine.config.align import check_align
+from zorefine.config.analyze import check_analyze
+from zorefine.config.checks import require
+from zorefine.config.data import check_data
+from zorefine.config.evaluate import check_evaluate
+from zorefine.config.model import check_model
+from zorefine.config.refine import check_refine
+from zorefine.config.schema import STAGE_ORDER, Stage
+
+# Refine methods that read the analyzer's selection (zo_random reads its size and granularity).
+SELECTING_METHODS = ("zo", "zo_random")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values and combinations the types cannot rule out, with one clear message."""
+    require(len(cfg.stages) > 0, "stages: choose at least one of " + ", ".join(STAGE_ORDER))
+    check_model(cfg.model)
+    check_data(cfg.data)
+    check_align(cfg.align)
+    check_analyze(cfg.analyze)
+    check_refine(cfg.refine)
+    check_evaluate(cfg.evaluate)
+    needs_selection = cfg.refine.method in SELECTING_METHODS
+    if Stage.refine in cfg.stages and needs_selection and cfg.refine.layers is None and cfg.refine.selection_file is None:
+        require(
+            Stage.analyze in cfg.stages,
+            "refine needs a layer selection: add 'analyze' to stages, set refine.layers=[...] "
+            "or refine.selection_file=PATH",
+        )
