@@ -33,7 +33,10 @@ from zorefine.config import register_configs
 from zorefine.judge import build_judge
 from zorefine.pipeline import run_pipeline
 from zorefine.run import Run
-from zorefine.analyze.sensitivity import ThreatFamily, spearman, unit_scores, unit_sensitivity, zo_curvature
+from zorefine.analyze.curvature import zo_curvature
+from zorefine.analyze.ranking import unit_scores
+from zorefine.analyze.sensitivity import ThreatFamily, unit_sensitivity
+from zorefine.stats import spearman
 from zorefine.analyze.stage import probe_for
 from zorefine.models.units import discover_units
 

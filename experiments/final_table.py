@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from zorefine.evaluate.report import format_interval
-from zorefine.evaluate.robustness import mean_interval
+from zorefine.stats import mean_interval
 
 REFERENCE_ASR = 0.30
 POOL_KEY = "refine.seed="

@@ -16,7 +16,8 @@ from zorefine.refine.first_order import FirstOrderSettings, FirstOrderTrainer
 from zorefine.run import Run
 from zorefine.analyze import stage as analyze
 from zorefine.refine import stage as refine
-from zorefine.refine.stage import step_cost, steps_for
+from zorefine.refine import selection as refine_selection
+from zorefine.refine.budget import step_cost, steps_for
 
 
 def _weights(directory) -> dict[str, torch.Tensor]:
@@ -77,7 +78,7 @@ def test_zo_random_refines_as_many_units_as_the_analyzer_chose_but_others(micro_
         random_run = Run(random_cfg, tmp_path / f"random{seed}")
         (tmp_path / f"random{seed}" / "selection.json").write_text((tmp_path / "selection.json").read_text())
         model, _ = random_run.load_model(micro_checkpoint)
-        selection = refine.selection_for_method(random_run, model)
+        selection = refine_selection.selection_for_method(random_run, model)
         assert len(selection.units) == len(chosen) and selection.rank_by == "random"
         layers.update(selection.layers)
     assert len(layers) > 1  # the seed, not the analyzer, decides

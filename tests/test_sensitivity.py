@@ -10,7 +10,9 @@ import torch
 from tests.tiny_models import tiny_model
 from zorefine.errors import ConfigError
 from zorefine.models.selection import Selection, SelectionPolicy, select_units
-from zorefine.analyze.sensitivity import ThreatFamily, rank_units, spearman
+from zorefine.analyze.ranking import rank_units
+from zorefine.analyze.sensitivity import ThreatFamily
+from zorefine.stats import spearman
 from zorefine.threats import WeightNoise, parse_threat, threatened
 from zorefine.models.units import discover_units, units_by_name
 

@@ -16,6 +16,7 @@ from zorefine.run import Run
 from zorefine.align import stage as align
 from zorefine.analyze import stage as analyze
 from zorefine.evaluate import stage as evaluate
+from zorefine.refine import batches
 from zorefine.refine import stage as refine
 from zorefine.zo.replay import replay
 from zorefine.zo.trajectory import read_trajectory
@@ -249,7 +250,7 @@ def test_benign_weight_trades_the_utility_term_in_the_objective(micro_checkpoint
 
     run = Run(make_cfg(micro_checkpoint, **{"refine.benign_weight": 0.0, "refine.batch_size": 4}), tmp_path)
     model, tokenizer = run.load_model(micro_checkpoint)
-    batch = refine.batch_sampler(run)(0)
+    batch = batches.batch_sampler(run)(0)
     assert batch.weights == [1.0, 1.0, 0.0, 0.0]
     (encoded, weights), = batch.micro_batches(tokenizer, 96, grad_accum=1)
     harmful_only = encode_batch(tokenizer, batch.pairs[:2], 96)
@@ -259,7 +260,7 @@ def test_benign_weight_trades_the_utility_term_in_the_objective(micro_checkpoint
         # Unit weights are the plain token mean, bit for bit.
         assert torch.equal(response_nll(model, encoded, torch.ones(4)), response_nll(model, encoded))
     uniform = Run(make_cfg(micro_checkpoint, **{"refine.batch_size": 4}), tmp_path / "u")
-    assert refine.batch_sampler(uniform)(0).micro_batches(tokenizer, 96, 2)[0][1] is None
+    assert batches.batch_sampler(uniform)(0).micro_batches(tokenizer, 96, 2)[0][1] is None
 
 
 def test_evaluation_cache_evaluates_a_checkpoint_once(micro_checkpoint, tmp_path):

@@ -10,14 +10,15 @@ from tests.conftest import make_cfg
 from zorefine.errors import ConfigError
 from zorefine.config import validate
 from zorefine.models.generation import generate_responses
-from zorefine.run import Run
+from zorefine.run import TARGETS_FILE, Run
+from zorefine.refine import batches
 from zorefine.refine import stage as refine
 from zorefine.refine.targets import training_pairs
 from zorefine.zo.trajectory import read_trajectory
 
 
 def _reference(run: Run):
-    pairs = refine.reference_pairs(run)
+    pairs = batches.reference_pairs(run)
     return pairs.harmful, pairs.benign
 
 
@@ -57,9 +58,9 @@ def test_refining_towards_own_responses_changes_the_trajectory_and_resumes(micro
     _, plain_steps = read_trajectory(tmp_path / "reference" / "trajectory.jsonl")
     header, own_steps = read_trajectory(tmp_path / "self" / "trajectory.jsonl")
     assert header["refine"]["targets"] == "self"
-    written = json.loads((tmp_path / "self" / refine.TARGETS_FILE).read_text())
-    assert written["targets"] == "self" and len(written["benign"]) == len(refine.reference_pairs(Run(make_cfg(micro_checkpoint), tmp_path)).benign)
-    assert not (tmp_path / "reference" / refine.TARGETS_FILE).exists()
+    written = json.loads((tmp_path / "self" / TARGETS_FILE).read_text())
+    assert written["targets"] == "self" and len(written["benign"]) == len(batches.reference_pairs(Run(make_cfg(micro_checkpoint), tmp_path)).benign)
+    assert not (tmp_path / "reference" / TARGETS_FILE).exists()
     # Same seeds, other losses: the objective really scored other responses.
     assert [s.seed for s in plain_steps] == [s.seed for s in own_steps]
     assert [s.loss for s in plain_steps] != [s.loss for s in own_steps]

@@ -12,17 +12,15 @@ Random threats are sampled antithetically: each seed is applied as ``+z`` and ``
 measures averaged, which cancels the first-order (gradient) term of the loss change exactly. What
 is left is the curvature the noise runs into, so rankings from different seeds agree far better.
 
-The ZO-curvature score is the same mechanism at a small relative radius ε: per unit,
-``(L(θ+εz) + L(θ−εz) − 2L(θ)) / ε²`` (with ``z`` scaled by each tensor's RMS) is a Hutchinson
-estimate of the curvature of the safety loss along that unit's weights.
+The ZO-curvature probe is in :mod:`zorefine.analyze.curvature`, the ranking of the units by these
+scores in :mod:`zorefine.analyze.ranking` and the units × threats heatmap in :mod:`zorefine.analyze.heatmap`.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from functools import cached_property
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -33,12 +31,11 @@ from zorefine.distributed import processes as distributed
 from zorefine.models.generation import generate_responses
 from zorefine.judge import RefusalJudge, Verdict
 from zorefine.models.objectives import mean_response_nll
-from zorefine.evaluate.robustness import mean_interval
-from zorefine.threats import Threat, WeightNoise, parse_threat, threatened
+from zorefine.stats import mean_interval
+from zorefine.threats import Threat, parse_threat, threatened
 from zorefine.models.units import Unit
 
 SCORES = ("safety_loss_rise", "refusal_drop", "utility_loss_rise")
-RANK_BY = ("safety_loss_rise", "refusal_drop", "curvature")
 
 
 @dataclass
@@ -240,147 +237,3 @@ def unit_sensitivity(
             )
     forward_passes = int(processes.sum([counter.count])[0])
     return Analysis(clean, scores, forward_passes=forward_passes)
-
-
-def zo_curvature(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    units: Sequence[Unit],
-    seeds: Sequence[int],
-    probe: Probe,
-    eps: float,
-    show_progress: bool = True,
-) -> tuple[dict[str, dict[str, float]], int]:
-    """Per unit, ``(L(θ+εz) + L(θ−εz) − 2L(θ)) / ε²`` on the safety loss, over ``seeds``.
-
-    ``z`` is relative to each tensor's RMS (the refiner's ``eps_mode=relative``), drawn by the
-    same seeded mechanism as weight noise. Costs 2 loss evaluations per unit and seed plus one
-    clean one. Returns the mean and interval per unit, and the forward passes spent.
-    """
-    losses_only = replace(probe, benign=[])
-    processes = distributed.current()
-    trials = [(unit_index, seed) for unit_index in range(len(units)) for seed in seeds]
-    with ForwardCounter(model) as counter:
-        clean = measure(model, tokenizer, losses_only, None).safety_loss
-        progress = tqdm(total=len(processes.shard(trials)), desc="curvature", disable=not (show_progress and processes.is_main))
-
-        def run_trial(trial: tuple[int, int]) -> float:
-            unit_index, seed = trial
-            noise = WeightNoise(sigma=eps, mode="relative", seed=seed)
-            pair = [noise, replace(noise, negate=True)]
-            averaged = _trial(model, pair, units[unit_index], lambda: measure(model, tokenizer, losses_only, None))
-            progress.update()
-            return 2.0 * (averaged.safety_loss - clean) / eps**2
-
-        values = dict(zip(trials, processes.map_sharded(trials, run_trial)))
-        progress.close()
-    curvature = {unit.name: mean_interval([values[(i, seed)] for seed in seeds]) for i, unit in enumerate(units)}
-    forward_passes = int(processes.sum([counter.count])[0])
-    return curvature, forward_passes
-
-
-def unit_scores(analysis: Analysis, rank_by: str) -> dict[str, float]:
-    """One fragility score per unit: ``rank_by`` averaged over threat families.
-
-    Each family's scores are divided by that family's largest absolute score first, so a threat
-    whose losses run larger does not drown the others.
-    """
-    if rank_by not in RANK_BY:
-        raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
-    if rank_by == "curvature":
-        if not analysis.curvature:
-            raise ValueError("rank_by=curvature needs the curvature analysis (analyze.curvature=true)")
-        return {unit: value["mean"] for unit, value in analysis.curvature.items()}
-    by_family: dict[str, dict[str, float]] = {}
-    for score in analysis.scores:
-        by_family.setdefault(score.threat, {})[score.unit] = score.mean(rank_by)
-    combined: dict[str, list[float]] = {}
-    for values in by_family.values():
-        finite = [abs(v) for v in values.values() if math.isfinite(v)]
-        scale = max(finite) if finite and max(finite) > 0 else 1.0
-        for unit, value in values.items():
-            combined.setdefault(unit, []).append(value / scale if math.isfinite(value) else 0.0)
-    return {unit: statistics.fmean(values) for unit, values in combined.items()}
-
-
-def rank_units(scores: dict[str, float], order: Sequence[str]) -> list[str]:
-    """Unit names, most fragile first; ties keep ``order`` (the model's layer order)."""
-    position = {name: i for i, name in enumerate(order)}
-    return sorted(scores, key=lambda unit: (-scores[unit], position.get(unit, len(position))))
-
-
-def spearman(first: dict[str, float], second: dict[str, float]) -> float:
-    """Spearman rank correlation between two scorings of the same units (average ranks for ties)."""
-    units = sorted(set(first) & set(second))
-    if len(units) < 2:
-        return float("nan")
-
-    def ranks(values: list[float]) -> list[float]:
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        result = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                result[order[k]] = (i + j) / 2.0
-            i = j + 1
-        return result
-
-    a, b = ranks([first[u] for u in units]), ranks([second[u] for u in units])
-    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
-    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b))
-    norm = math.sqrt(sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b))
-    return cov / norm if norm > 0 else float("nan")
-
-
-def as_rows(analysis: Analysis) -> list[dict]:
-    """JSON-ready rows, one per (unit, threat), NaN turned into None."""
-
-    def clean(value: object) -> object:
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        return value
-
-    return [{k: clean(v) for k, v in asdict(score).items()} for score in analysis.scores]
-
-
-def plot_heatmap(analysis: Analysis, metric: str, selected: Sequence[str], path) -> None:
-    """Units × threats heatmap of ``metric`` (plus the curvature column); selected units in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    units = list(dict.fromkeys(score.unit for score in analysis.scores))
-    threats = list(dict.fromkeys(score.threat for score in analysis.scores))
-    cell = {(s.unit, s.threat): s.mean(metric) for s in analysis.scores}
-    columns = [[cell.get((u, t), float("nan")) for t in threats] for u in units]
-    labels = [f"{t}\n{metric}" for t in threats]
-    if analysis.curvature:
-        for row, unit in zip(columns, units):
-            row.append(analysis.curvature.get(unit, {}).get("mean", float("nan")))
-        labels.append(f"ZO curvature\nε={analysis.curvature_eps:g}")
-    matrix = torch.tensor(columns, dtype=torch.float32)
-    # Each column on its own scale: threats differ by orders of magnitude.
-    scale = matrix.abs().nan_to_num(0).amax(dim=0).clamp_min(1e-12)
-    fig, axis = plt.subplots(figsize=(1.6 + 1.9 * len(labels), 1.2 + 0.32 * len(units)))
-    image = axis.imshow((matrix / scale).numpy(), aspect="auto", cmap="magma_r", vmin=0, vmax=1)
-    for i in range(len(units)):
-        for j in range(len(labels)):
-            value = float(matrix[i, j])
-            axis.text(j, i, "–" if math.isnan(value) else f"{value:.3g}", ha="center", va="center", fontsize=7, color="tab:blue")
-    axis.set_xticks(range(len(labels)), labels, fontsize=8)
-    axis.set_yticks(range(len(units)), units, fontsize=7)
-    for tick, unit in zip(axis.get_yticklabels(), units):
-        if unit in selected:
-            tick.set_color("tab:red")
-            tick.set_fontweight("bold")
-    fig.colorbar(image, ax=axis, label="fraction of the column's largest value")
-    axis.set_title("Fragility per unit (mean over seeds); red = selected for refinement", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -6,28 +6,21 @@ import logging
 import time
 from typing import Any
 
-from zorefine.config import Stage
+from zorefine.config.schema import Stage
+from zorefine.config.validate import SELECTING_METHODS
 from zorefine.judge import build_judge
 from zorefine.models.loading import write_json_atomic
 from zorefine.run import SELECTION_FILE, SENSITIVITY_FILE, Run
 from zorefine.models.selection import Selection, SelectionPolicy, select_units
-from zorefine.analyze.sensitivity import (
-    Probe,
-    ThreatFamily,
-    as_rows,
-    plot_heatmap,
-    rank_units,
-    spearman,
-    unit_scores,
-    unit_sensitivity,
-    zo_curvature,
-)
+from zorefine.analyze.curvature import zo_curvature
+from zorefine.analyze.heatmap import plot_heatmap
+from zorefine.analyze.ranking import as_rows, rank_units, unit_scores
+from zorefine.analyze.sensitivity import Probe, ThreatFamily, unit_sensitivity
+from zorefine.stats import spearman
 from zorefine.models.units import discover_units
 
 log = logging.getLogger(__name__)
 
-# Refine methods that read the analyzer's selection (zo_random reads its size and granularity).
-SELECTING_METHODS = ("zo", "zo_random")
 
 
 def probe_for(run: Run) -> Probe:

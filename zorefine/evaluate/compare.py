@@ -26,7 +26,8 @@ from zorefine.errors import DataError, ZorefineError
 from zorefine.models.loading import write_json_atomic
 from zorefine.run import METRICS_FILE
 from zorefine.evaluate.report import format_interval, save_figure
-from zorefine.evaluate.robustness import mean_interval, noise_curve
+from zorefine.evaluate.robustness import noise_curve
+from zorefine.stats import mean_interval
 
 log = logging.getLogger(__name__)
 

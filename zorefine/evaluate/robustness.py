@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import random
-import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -15,6 +13,7 @@ from zorefine.distributed import processes as distributed
 from zorefine.models.generation import generate_responses
 from zorefine.judge import RefusalJudge, Verdict
 from zorefine.models.objectives import mean_response_nll
+from zorefine.stats import mean_interval
 from zorefine.threats import Threat, WeightNoise, parse_threat, threatened
 
 
@@ -159,20 +158,6 @@ def evaluate_grid(
     results = processes.map_sharded(grid, measure_condition)
     progress.close()
     return results
-
-
-def mean_interval(values: Sequence[float]) -> dict[str, float]:
-    """Mean and a 95% t-interval over seeds (zero width for a single seed)."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": mean, "low": mean, "high": mean, "n": len(values)}
-    # Two-sided 97.5% t quantiles for small n; 1.96 beyond.
-    t_quantile = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-    half = t_quantile.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
 
 
 METRICS = (

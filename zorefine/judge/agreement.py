@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 from zorefine.errors import DataError
-from zorefine.judge import Verdict, judge_response
+from zorefine.judge.keyword import judge_response
+from zorefine.judge.verdict import Verdict
 
 DEFAULT_DIR = Path(
     os.environ.get("ZOREFINE_XSTEST_COMPLETIONS_DIR", "/work/shared/data/xstest_completions")

@@ -1,11 +1,20 @@
-"""Threats: the perturbations that break safety (weight/activation noise, quantization), and their registry."""
+"""Threats: the perturbations that break safety (weight/activation noise, quantization), and their registry.
 
-from zorefine.threats.core import (  # noqa: F401  (the public API; the family modules are split out next)
-    ActivationNoise,
-    BnbQuantization,
-    RTNQuantization,
-    Threat,
-    WeightNoise,
-    parse_threat,
-    threatened,
-)
+Where things live: :mod:`~zorefine.threats.base` holds the :class:`Threat` protocol and the
+helpers the families share (mode names, argument checks, the (out, in) view of Conv1D/Linear
+weights); one module per family: :mod:`~zorefine.threats.weight_noise` (:class:`WeightNoise`,
+``wnoise:``), :mod:`~zorefine.threats.activation_noise` (:class:`ActivationNoise`, ``anoise:``),
+:mod:`~zorefine.threats.quantization` (:class:`RTNQuantization`, ``rtn:``) and
+:mod:`~zorefine.threats.bnb` (:class:`BnbQuantization`, ``bnb:``);
+:mod:`~zorefine.threats.apply` holds the :func:`threatened` context manager (apply, then restore
+bit-exactly), and :mod:`~zorefine.threats.registry` the spec language (:func:`parse_threat`, the
+one place that maps a spec's kind to its family's parser).
+"""
+
+from zorefine.threats.activation_noise import ActivationNoise  # noqa: F401  (the public API)
+from zorefine.threats.apply import threatened  # noqa: F401
+from zorefine.threats.base import Threat  # noqa: F401
+from zorefine.threats.bnb import BnbQuantization  # noqa: F401
+from zorefine.threats.quantization import RTNQuantization  # noqa: F401
+from zorefine.threats.registry import parse_threat  # noqa: F401
+from zorefine.threats.weight_noise import WeightNoise  # noqa: F401

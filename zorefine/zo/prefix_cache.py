@@ -65,12 +65,15 @@ earlier prefix layers that read their output would see the wrong tensor, hence t
 Other caveats: the model should be in eval mode (dropout in the prefix is frozen at the captured
 sample); ZeRO-3 parameter-gathering hooks on prefix layers still fire on replay (hooks are
 kept); a ``torch.compile``d model may not see the replaced ``forward``.
+
+The pieces: :mod:`zorefine.zo.layer_capture` patches the prefix layers (capture, replay and the
+layer-0 checks) and :mod:`zorefine.zo.model_inputs` holds the pre-hook on the model (its input
+checks and the ``use_cache`` handling); :class:`PrefixCache` puts them together.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -78,81 +81,13 @@ import torch
 from torch import nn
 
 from zorefine.models.layers import find_decoder_layers
+from zorefine.zo.layer_capture import LayerCapture, StaleCacheError, _PrefixComputed, _Record
+from zorefine.zo.model_inputs import ModelInputGuard
 
 __all__ = ["PrefixCache", "StaleCacheError", "cached_loss_fn"]
 
-# Model inputs that cannot change what the prefix layers compute, so a difference in them
-# between capture and replay must not be reported as a stale cache.
-_IGNORED_INPUTS = frozenset({"labels"})
 
-_MISSING = object()
-
-
-class _PrefixComputed(Exception):
-    """Raised by the last prefix layer in :meth:`PrefixCache.capture_prefix` to skip the suffix."""
-
-
-class StaleCacheError(RuntimeError):
-    """A prefix cache was used without a capture, or on inputs/weights it was not captured for."""
-
-
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor in a nested tuple/list/dict, keeping the structure and type."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        mapped = [_map_tensors(item, fn) for item in obj]
-        # Named tuples are rebuilt from positional fields; plain tuples from an iterable.
-        return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)
-    if isinstance(obj, list):
-        return [_map_tensors(item, fn) for item in obj]
-    if isinstance(obj, dict):
-        # A dict subclass such as transformers' ModelOutput keeps its type through copy + update.
-        out = obj.copy()
-        for key, value in obj.items():
-            out[key] = _map_tensors(value, fn)
-        return out
-    return obj
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    _map_tensors(obj, lambda t: found.append(t) or t)
-    return found
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    # Inference tensors (made under torch.inference_mode) have no version counter.
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
-
-
-def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """The hidden-states argument of a decoder layer call, found without knowing the layer."""
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    value = kwargs.get("hidden_states")
-    if isinstance(value, torch.Tensor):
-        return value
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
-
-
-class _Record:
-    """What one model call left behind during capture."""
-
-    def __init__(self) -> None:
-        self.outputs: dict[int, Any] = {}  # layer index -> recorded output (detached clone)
-        self.versions: list[tuple[torch.Tensor, int | None]] = []  # recorded tensors, their versions
-        self.layer0_input: torch.Tensor | None = None
-        self.layer0_shape: tuple[int, ...] | None = None
-
-
-class PrefixCache:
+class PrefixCache(LayerCapture, ModelInputGuard):
     """Caches the outputs of decoder layers ``[0, first_layer)`` for one batch.
 
     Usage (one ZO step on one batch)::
@@ -292,177 +227,6 @@ class PrefixCache:
         if self._busy:
             raise RuntimeError("PrefixCache contexts cannot be nested (capture/replay is already active)")
         self._busy = True
-
-    @staticmethod
-    def _parameter_position(model: nn.Module, name: str) -> int | None:
-        """Position of ``name`` in ``model.forward``'s signature, or None if it has no such parameter."""
-        try:
-            params = list(inspect.signature(model.forward).parameters.values())
-        except (TypeError, ValueError):
-            return None
-        for position, param in enumerate(params):
-            if param.name == name and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
-                return position
-        return None
-
-    @contextlib.contextmanager
-    def _patched(self, make_forward: Callable[[int, Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
-        """Give each prefix layer an instance ``forward``; put back exactly what was there on exit."""
-        saved: list[tuple[nn.Module, Any]] = []
-        try:
-            for index, layer in enumerate(self._layers):
-                # The instance dict, not getattr: we must restore "no instance attribute" as such,
-                # and keep an instance forward someone else installed (accelerate hooks).
-                previous = layer.__dict__.get("forward", _MISSING)
-                original = layer.forward
-                saved.append((layer, previous))
-                layer.forward = make_forward(index, original)
-            yield
-        finally:
-            for layer, previous in reversed(saved):
-                if previous is _MISSING:
-                    layer.__dict__.pop("forward", None)
-                else:
-                    layer.forward = previous
-
-    @contextlib.contextmanager
-    def _model_hook(self, replaying: bool) -> Iterator[None]:
-        hook = self.model.register_forward_pre_hook(
-            lambda module, args, kwargs: self._model_pre_hook(args, kwargs, replaying), with_kwargs=True
-        )
-        try:
-            yield
-        finally:
-            hook.remove()
-
-    def _model_pre_hook(self, args: tuple[Any, ...], kwargs: dict[str, Any], replaying: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        call = self._model_calls
-        self._model_calls += 1
-        position = self._use_cache_position
-        if position is not None and len(args) > position:
-            use_cache = args[position]
-        else:
-            use_cache = kwargs.get("use_cache")
-            if position is not None and "use_cache" not in kwargs:
-                # No KV cache is needed: don't let the config default build one.
-                kwargs = {**kwargs, "use_cache": False}
-        if not (self.active and replaying):
-            if self.active:
-                self._inputs.append(self._input_tensors(args, kwargs))
-            return args, kwargs
-        if use_cache:
-            raise RuntimeError("PrefixCache.replay() does not support use_cache=True: skipped layers would leave the KV cache incomplete")
-        if kwargs.get("past_key_values") is not None:
-            raise RuntimeError("PrefixCache.replay() does not support past_key_values: the cached prefix outputs would depend on it")
-        if kwargs.get("output_attentions"):
-            raise RuntimeError("PrefixCache.replay() does not support output_attentions: skipped layers compute no attention weights")
-        if kwargs.get("output_hidden_states") and not self.keep_all:
-            raise RuntimeError("PrefixCache(keep_all=False).replay() cannot return output_hidden_states; use keep_all=True")
-        if self._inputs:
-            if call >= len(self._inputs):
-                raise StaleCacheError(f"model called {call + 1} times under replay but only {len(self._inputs)} times under capture")
-            self._compare_inputs(self._inputs[call], self._input_tensors(args, kwargs), call)
-        return args, kwargs
-
-    @staticmethod
-    def _input_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        tensors = {f"positional argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
-        tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _IGNORED_INPUTS})
-        # A clone: the caller may reuse or overwrite its input buffers between passes.
-        return {name: t.detach().clone() for name, t in tensors.items()}
-
-    @staticmethod
-    def _compare_inputs(captured: dict[str, torch.Tensor], given: dict[str, torch.Tensor], call: int) -> None:
-        if captured.keys() != given.keys():
-            raise StaleCacheError(
-                f"model call {call} under replay has tensor inputs {sorted(given)} but the captured call had {sorted(captured)}"
-            )
-        for name, tensor in given.items():
-            ref = captured[name]
-            if ref.shape != tensor.shape:
-                raise StaleCacheError(
-                    f"batch shape mismatch in model input {name!r}: captured {tuple(ref.shape)}, replay got "
-                    f"{tuple(tensor.shape)}; capture() again for the new batch"
-                )
-            if not torch.equal(ref, tensor.to(ref.device)):
-                raise StaleCacheError(f"model input {name!r} differs from the captured batch; capture() again for the new batch")
-
-    def _check_parameters(self) -> None:
-        for name, param, version in self._param_versions:
-            if param._version != version:
-                raise StaleCacheError(
-                    f"parameter {name} of a cached prefix layer (< {self.first_layer}) was modified after capture(); "
-                    "the cached outputs are stale (perturb only layers >= first_layer, or capture() again)"
-                )
-
-    def _capturing(self, index: int, original: Callable[..., Any], records: list[_Record]) -> Callable[..., Any]:
-        last = index == len(self._layers) - 1
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            call = self._layer_calls[index]
-            self._layer_calls[index] += 1
-            if index == 0:
-                records.append(_Record())
-                hidden = _hidden_input(args, kwargs)
-                if hidden is not None:
-                    records[call].layer0_shape = tuple(hidden.shape)
-                    if self.verify:
-                        records[call].layer0_input = hidden.detach().clone()
-            output = original(*args, **kwargs)
-            if call >= len(records):
-                raise StaleCacheError("PrefixCache.capture(): prefix layers were called out of order (layer 0 must run first)")
-            if self.keep_all or last:
-                # Detached (no graph is kept alive) and cloned (a later in-place op on the next
-                # layer's input must not change the record).
-                stored = _map_tensors(output, lambda t: t.detach().clone())
-                records[call].outputs[index] = stored
-                records[call].versions.extend((t, _version(t)) for t in _tensors(stored))
-            if last and self._stop_after_prefix:
-                # The suffix and the head would be computed for nothing: stop this call here.
-                raise _PrefixComputed
-            return output
-
-        return forward
-
-    def _replaying(self, index: int) -> Callable[..., Any]:
-        assert self._records is not None
-        records = self._records
-        source = index if self.keep_all else len(self._layers) - 1
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            call = self._layer_calls[index]
-            self._layer_calls[index] += 1
-            if call >= len(records):
-                raise StaleCacheError(
-                    f"prefix layer {index} called {call + 1} times under replay but the capture recorded {len(records)} model call(s)"
-                )
-            record = records[call]
-            if index == 0:
-                self._check_parameters()
-                self._check_layer0(record, _hidden_input(args, kwargs), call)
-                for tensor, version in record.versions:
-                    if version is not None and tensor._version != version:
-                        raise StaleCacheError(
-                            "a cached prefix output was modified in place by the model during an earlier replay; "
-                            "this model cannot use PrefixCache"
-                        )
-            return record.outputs[source]
-
-        return forward
-
-    def _check_layer0(self, record: _Record, hidden: torch.Tensor | None, call: int) -> None:
-        if hidden is None or record.layer0_shape is None:
-            return
-        if tuple(hidden.shape) != record.layer0_shape:
-            raise StaleCacheError(
-                f"batch shape mismatch: the hidden states entering layer 0 have shape {tuple(hidden.shape)} under replay "
-                f"but {record.layer0_shape} were captured (model call {call}); capture() again for the new batch"
-            )
-        if record.layer0_input is not None and not torch.equal(record.layer0_input, hidden):
-            raise StaleCacheError(
-                "the hidden states entering layer 0 differ from the captured ones: a different batch, or the embeddings "
-                "were changed (perturbing anything before layer first_layer invalidates the cache); capture() again"
-            )
 
 
 def cached_loss_fn(

@@ -1,0 +1,24 @@
+"""The refinement budget: forward-pass equivalents per step of each method, and the steps a budget buys."""
+
+from __future__ import annotations
+
+from zorefine.refine.first_order import FIRST_ORDER_METHODS, FORWARD_COST
+
+
+def _zo_step_cost(cfg) -> int:
+    """Forward passes of one ZO step: 2 per direction (+1 for L(θ) under the curvature schedule)."""
+    return (2 * cfg.zo.num_directions + (cfg.unit_schedule == "curvature")) * cfg.grad_accum
+
+
+def step_cost(cfg) -> int:
+    """Forward-pass equivalents one step of ``cfg.method`` spends (a backward counts as two)."""
+    if cfg.method in FIRST_ORDER_METHODS:
+        return FORWARD_COST[cfg.method] * cfg.grad_accum
+    return _zo_step_cost(cfg)
+
+
+def steps_for(cfg) -> int:
+    """Steps of ``cfg.method`` within the budget: ``refine.budget`` forward passes, else what
+    ``refine.steps`` ZO steps of this configuration would spend (so baselines match ZO's cost)."""
+    budget = cfg.budget if cfg.budget is not None else cfg.steps * _zo_step_cost(cfg)
+    return budget // step_cost(cfg)

@@ -1,0 +1,53 @@
+"""Resuming ZO refinement: a logged trajectory is replayed when it belongs to the same refinement."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from zorefine.zo.engine import ZOEngine
+from zorefine.zo.replay import apply_records
+from zorefine.zo.trajectory import read_trajectory
+
+log = logging.getLogger(__name__)
+
+
+# Refine settings that change how a step is computed, not its result.
+HOW_NOT_WHAT = ("steps", "budget", "log_every", "prefix_cache", "store", "deepspeed")
+
+
+def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a logged run can be continued: same start, parameters and settings but the step count.
+
+    Settings that change how, not what, is computed (prefix cache, weight store, ZeRO
+    partitioning) may differ.
+    """
+
+    def settings(header: dict[str, Any]) -> dict[str, Any]:
+        kept = {k: v for k, v in header.get("refine", {}).items() if k not in HOW_NOT_WHAT}
+        if isinstance(kept.get("zo"), dict):  # the engine's settings (refine.zo) hold the weight store
+            kept["zo"] = {k: v for k, v in kept["zo"].items() if k not in HOW_NOT_WHAT}
+        return kept
+
+    def version(header: dict[str, Any]) -> int:
+        return header.get("environment", {}).get("directions_version", 1)
+
+    return (
+        previous.get("base_checkpoint") == current["base_checkpoint"]
+        and previous.get("parameters") == current["parameters"]
+        and settings(previous) == settings(current)
+        and version(previous) == version(current)
+    )
+
+
+def resume_records(engine: ZOEngine, log_path, header: dict[str, Any], max_steps: int) -> list:
+    """Replay the steps a killed run logged (when its settings match) and return them."""
+    previous_header, previous_steps = read_trajectory(log_path)
+    if previous_header is not None and not _same_trajectory(previous_header, header):
+        log.warning("[refine] %s belongs to another configuration; starting over", log_path)
+        return []
+    previous_steps = previous_steps[:max_steps]
+    if previous_steps:
+        apply_records(engine, previous_steps, header.get("unit_parameters"))
+        log.info("[refine] resumed: replayed %d logged steps", len(previous_steps))
+    return previous_steps

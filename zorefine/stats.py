@@ -1,0 +1,47 @@
+"""Plain statistics shared by the stages: mean with a confidence interval, rank correlation."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Sequence
+
+
+def mean_interval(values: Sequence[float]) -> dict[str, float]:
+    """Mean and a 95% t-interval over seeds (zero width for a single seed)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "low": mean, "high": mean, "n": len(values)}
+    # Two-sided 97.5% t quantiles for small n; 1.96 beyond.
+    t_quantile = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+    half = t_quantile.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def spearman(first: dict[str, float], second: dict[str, float]) -> float:
+    """Spearman rank correlation between two scorings of the same units (average ranks for ties)."""
+    units = sorted(set(first) & set(second))
+    if len(units) < 2:
+        return float("nan")
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return result
+
+    a, b = ranks([first[u] for u in units]), ranks([second[u] for u in units])
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b))
+    norm = math.sqrt(sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b))
+    return cov / norm if norm > 0 else float("nan")
