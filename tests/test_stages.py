@@ -17,6 +17,7 @@ from zorefine.align import stage as align
 from zorefine.analyze import stage as analyze
 from zorefine.evaluate import stage as evaluate
 from zorefine.refine import batches
+from zorefine.refine import objective as refine_objective
 from zorefine.refine import stage as refine
 from zorefine.zo.replay import replay
 from zorefine.zo.trajectory import read_trajectory
@@ -122,7 +123,7 @@ def test_killed_refine_resumes_bit_identical(micro_checkpoint, tmp_path, monkeyp
     refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "whole"))
 
     calls = {"n": 0}
-    original = refine.response_nll_terms
+    original = refine_objective.response_nll_terms
 
     def dies_in_step_three(model, batch, weights=None):
         calls["n"] += 1
@@ -130,11 +131,11 @@ def test_killed_refine_resumes_bit_identical(micro_checkpoint, tmp_path, monkeyp
             raise KeyboardInterrupt
         return original(model, batch, weights)
 
-    monkeypatch.setattr(refine, "response_nll_terms", dies_in_step_three)
+    monkeypatch.setattr(refine_objective, "response_nll_terms", dies_in_step_three)
     with pytest.raises(KeyboardInterrupt):
         refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "killed"))
     assert len(read_trajectory(tmp_path / "killed" / "trajectory.jsonl")[1]) == 2
-    monkeypatch.setattr(refine, "response_nll_terms", original)
+    monkeypatch.setattr(refine_objective, "response_nll_terms", original)
     refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "killed"))
     whole = _weights(tmp_path / "whole" / "checkpoints" / "refined")
     resumed = _weights(tmp_path / "killed" / "checkpoints" / "refined")
@@ -214,7 +215,7 @@ def test_curvature_schedule_refines_one_unit_per_step_and_replays_and_resumes(mi
     assert all(torch.equal(replayed[k], refined[k]) for k in refined)
 
     calls = {"n": 0}
-    original = refine.response_nll_terms
+    original = refine_objective.response_nll_terms
 
     def dies_in_step_five(model, batch, weights=None):
         calls["n"] += 1
@@ -222,10 +223,10 @@ def test_curvature_schedule_refines_one_unit_per_step_and_replays_and_resumes(mi
             raise KeyboardInterrupt
         return original(model, batch, weights)
 
-    monkeypatch.setattr(refine, "response_nll_terms", dies_in_step_five)
+    monkeypatch.setattr(refine_objective, "response_nll_terms", dies_in_step_five)
     with pytest.raises(KeyboardInterrupt):
         refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "killed"))
-    monkeypatch.setattr(refine, "response_nll_terms", original)
+    monkeypatch.setattr(refine_objective, "response_nll_terms", original)
     refine.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "killed"))
     assert [s.unit for s in read_trajectory(tmp_path / "killed" / "trajectory.jsonl")[1]] == [s.unit for s in steps]
     resumed = _weights(tmp_path / "killed" / "checkpoints" / "refined")

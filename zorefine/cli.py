@@ -9,7 +9,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from zorefine.config import register_configs, validate
 from zorefine.errors import ZorefineError
@@ -34,7 +34,7 @@ def app(cfg: DictConfig) -> None:
         validate(cfg)
         from zorefine.pipeline import run_pipeline
 
-        from zorefine.distributed import processes as distributed
+        from zorefine import distributed
 
         # Under a launcher each process composes its own output directory (they may differ by
         # the second in the default timestamped path): all use the main process's.

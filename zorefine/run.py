@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from zorefine.distributed import processes as distributed
+from zorefine import distributed
 from zorefine.config import Stage
 from zorefine.data import Example, builtin_path, load_examples, select
 from zorefine.errors import DataError

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, file_digest
 from zorefine.distributed.partitions import gathered
 from zorefine.run import ALIGNED_DIR, Run
-from zorefine.align.sft import SFTSettings, run_sft
+from zorefine.models.sft import SFTSettings, run_sft
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from zorefine.analyze.sensitivity import ForwardCounter, Probe, _trial, measure
-from zorefine.distributed import processes as distributed
+from zorefine import distributed
 from zorefine.stats import mean_interval
 from zorefine.threats import WeightNoise
 from zorefine.models.units import Unit

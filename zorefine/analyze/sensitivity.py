@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from zorefine.distributed import processes as distributed
+from zorefine import distributed
 from zorefine.models.generation import generate_responses
 from zorefine.judge import RefusalJudge, Verdict
 from zorefine.models.objectives import mean_response_nll

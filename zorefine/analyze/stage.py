@@ -6,21 +6,20 @@ import logging
 import time
 from typing import Any
 
+from zorefine.analyze.curvature import zo_curvature
+from zorefine.analyze.heatmap import plot_heatmap
+from zorefine.analyze.ranking import as_rows, rank_units, unit_scores
+from zorefine.analyze.sensitivity import Analysis, Probe, ThreatFamily, unit_sensitivity
 from zorefine.config.schema import Stage
 from zorefine.config.validate import SELECTING_METHODS
 from zorefine.judge import build_judge
 from zorefine.models.loading import write_json_atomic
-from zorefine.run import SELECTION_FILE, SENSITIVITY_FILE, Run
 from zorefine.models.selection import Selection, SelectionPolicy, select_units
-from zorefine.analyze.curvature import zo_curvature
-from zorefine.analyze.heatmap import plot_heatmap
-from zorefine.analyze.ranking import as_rows, rank_units, unit_scores
-from zorefine.analyze.sensitivity import Probe, ThreatFamily, unit_sensitivity
+from zorefine.models.units import Unit, discover_units
+from zorefine.run import SELECTION_FILE, SENSITIVITY_FILE, Run
 from zorefine.stats import spearman
-from zorefine.models.units import discover_units
 
 log = logging.getLogger(__name__)
-
 
 
 def probe_for(run: Run) -> Probe:
@@ -38,6 +37,40 @@ def probe_for(run: Run) -> Probe:
     )
 
 
+def measure_units(run: Run, model, tokenizer, units: list[Unit], probe: Probe, seeds: list[int]) -> Analysis:
+    """Every unit's fragility under every configured threat (and its ZO curvature), over ``seeds``."""
+    cfg = run.cfg.analyze
+    judge = build_judge(run.cfg.evaluate.judge) if cfg.measure_refusal else None
+    families = [ThreatFamily(spec) for spec in cfg.threats]
+    analysis = unit_sensitivity(model, tokenizer, units, families, seeds, probe, judge, antithetic=cfg.antithetic)
+    if cfg.curvature:
+        analysis.curvature, passes = zo_curvature(model, tokenizer, units, seeds, probe, cfg.curvature_eps)
+        analysis.curvature_eps = cfg.curvature_eps
+        analysis.forward_passes += passes
+    return analysis
+
+
+def choose_units(run: Run, units: list[Unit], scores: dict[str, float], ranking: list[str]) -> Selection:
+    """The units the policy picks from the ranking, written to ``selection.json``."""
+    cfg = run.cfg.analyze
+    policy = SelectionPolicy(cfg.policy, cfg.top_k, cfg.budget, cfg.threshold, list(cfg.names))
+    chosen = select_units(ranking, scores, {u.name: u.num_parameters for u in units}, policy)
+    by_name = {u.name: u for u in units}
+    selection = Selection.of([by_name[name] for name in chosen], cfg.granularity, policy, cfg.rank_by)
+    if run.processes.is_main:
+        selection.save(run.run_dir / SELECTION_FILE)
+    return selection
+
+
+def write_sensitivity(run: Run, report: dict[str, Any], analysis: Analysis, chosen: list[str]) -> None:
+    """``sensitivity.json`` and its heat map ``sensitivity.png`` (by the main process)."""
+    if not run.processes.is_main:
+        return
+    write_json_atomic(run.run_dir / SENSITIVITY_FILE, report)
+    metric = "refusal_drop" if run.cfg.analyze.rank_by == "refusal_drop" else "safety_loss_rise"
+    plot_heatmap(analysis, metric, chosen, run.run_dir / "sensitivity.png")
+
+
 def run(run: Run) -> dict[str, Any]:
     """Write ``sensitivity.json``, the heatmap ``sensitivity.png`` and ``selection.json``."""
     cfg = run.cfg.analyze
@@ -51,23 +84,11 @@ def run(run: Run) -> dict[str, Any]:
     probe = probe_for(run)
     units = discover_units(model, cfg.granularity)
     seeds = [run.cfg.seed * 1000 + s for s in range(cfg.seeds)]
-    judge = build_judge(run.cfg.evaluate.judge) if cfg.measure_refusal else None
-    families = [ThreatFamily(spec) for spec in cfg.threats]
-    analysis = unit_sensitivity(model, tokenizer, units, families, seeds, probe, judge, antithetic=cfg.antithetic)
-    if cfg.curvature:
-        analysis.curvature, passes = zo_curvature(model, tokenizer, units, seeds, probe, cfg.curvature_eps)
-        analysis.curvature_eps = cfg.curvature_eps
-        analysis.forward_passes += passes
-
+    analysis = measure_units(run, model, tokenizer, units, probe, seeds)
     scores = unit_scores(analysis, cfg.rank_by)
     ranking = rank_units(scores, [u.name for u in units])
-    policy = SelectionPolicy(cfg.policy, cfg.top_k, cfg.budget, cfg.threshold, list(cfg.names))
-    chosen = select_units(ranking, scores, {u.name: u.num_parameters for u in units}, policy)
-    by_name = {u.name: u for u in units}
-    selection = Selection.of([by_name[name] for name in chosen], cfg.granularity, policy, cfg.rank_by)
-    if run.processes.is_main:
-        selection.save(run.run_dir / SELECTION_FILE)
-
+    selection = choose_units(run, units, scores, ranking)
+    chosen = selection.units
     agreement = None
     if analysis.curvature and cfg.rank_by != "curvature":
         agreement = spearman(scores, unit_scores(analysis, "curvature"))
@@ -79,7 +100,7 @@ def run(run: Run) -> dict[str, Any]:
     report = {
         "checkpoint": str(checkpoint),
         "granularity": cfg.granularity,
-        "threats": [f.spec for f in families],
+        "threats": list(cfg.threats),
         "seeds": seeds,
         "antithetic": cfg.antithetic,
         "num_prompts": {"harmful": len(probe.harmful), "benign": len(probe.benign)},
@@ -94,10 +115,7 @@ def run(run: Run) -> dict[str, Any]:
         "selected_layers": selection.layers,
         "cost": {"forward_passes": analysis.forward_passes, "seconds": seconds},
     }
-    if run.processes.is_main:
-        write_json_atomic(run.run_dir / SENSITIVITY_FILE, report)
-        metric = "refusal_drop" if cfg.rank_by == "refusal_drop" else "safety_loss_rise"
-        plot_heatmap(analysis, metric, chosen, run.run_dir / "sensitivity.png")
+    write_sensitivity(run, report, analysis, chosen)
     return {
         "checkpoint": str(checkpoint),
         "ranking": ranking,

@@ -14,11 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from zorefine.config.checks import require
 from zorefine.errors import ConfigError
-from zorefine.refine.targets import TARGET_MODES
 from zorefine.zo.engine import SCHEDULES, ZOSettings
 
 REFINE_METHODS = ("zo", "zo_full", "zo_random", "sft", "sam", "rwp")
 UNIT_SCHEDULES = ("joint", "curvature")
+# What the objective asks the model to say (see ``RefineConfig.targets``).
+TARGET_MODES = ("reference", "self", "self_benign")
 
 
 def pipeline_zo_settings() -> ZOSettings:

@@ -14,123 +14,20 @@ Multiruns get this at the end of the sweep from :class:`CompareCallback` (set in
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from zorefine.evaluate.document import Bullets, Document, Heading, Image, Paragraph, Table
-from zorefine.errors import DataError, ZorefineError
+from zorefine.errors import ZorefineError
 from zorefine.models.loading import write_json_atomic
-from zorefine.run import METRICS_FILE
-from zorefine.evaluate.report import format_interval, save_figure
-from zorefine.evaluate.robustness import noise_curve
+from zorefine.evaluate.compare_plots import plot_gain_vs_forwards, plot_refusal_curves
+from zorefine.evaluate.compare_runs import Entry, refusal_area, find_runs, load_entries
+from zorefine.evaluate.report import format_interval
 from zorefine.stats import mean_interval
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass
-class Entry:
-    """One evaluated model of one run: a row of the comparison."""
-
-    label: str
-    method: str
-    run_dir: Path
-    forward_passes: int
-    steps: int
-    layers: list[int]
-    result: dict[str, Any]
-    overrides: list[str] = field(default_factory=list)
-    before_area: float | None = None  # the area of the model this one was refined from
-    seconds: float | None = None  # wall time of the refine stage
-
-
-def find_runs(paths: Sequence[Path]) -> list[Path]:
-    """Run directories under ``paths``: each path itself, or its sub-directories (two levels) with metrics."""
-    runs: list[Path] = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise DataError(f"{path} does not exist")
-        if (path / METRICS_FILE).is_file():
-            runs.append(path)
-            continue
-        found = sorted({p.parent for p in list(path.glob(f"*/{METRICS_FILE}")) + list(path.glob(f"*/*/{METRICS_FILE}"))}, key=_natural_key)
-        if not found:
-            raise DataError(f"{path}: no {METRICS_FILE} in it or in its sub-directories (did the evaluate stage run?)")
-        runs.extend(found)
-    return runs
-
-
-def _natural_key(path: Path) -> tuple:
-    """Hydra job directories 0, 1, ..., 10 in numeric order."""
-    return tuple(int(part) if part.isdigit() else part for part in path.parts)
-
-
-def _overrides(run_dir: Path) -> list[str]:
-    """The command-line overrides of a Hydra job (what distinguishes sweep members)."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    # Hydra escapes ':' in the saved overrides; labels read better without the backslashes.
-    return [line[2:].replace("\\:", ":") for line in lines if line.startswith("- ")]
-
-
-def load_entries(run_dirs: Sequence[Path]) -> list[Entry]:
-    """The comparison rows: one ``none`` row per distinct starting checkpoint, then every refined model."""
-    entries: list[Entry] = []
-    befores: dict[str, Entry] = {}
-    for run_dir in run_dirs:
-        try:
-            metrics = json.loads((run_dir / METRICS_FILE).read_text())
-            models = metrics["models"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise DataError(f"{run_dir / METRICS_FILE} is not a zorefine metrics file ({exc})") from None
-        refine_summary = _stage_summary(run_dir, "refine")
-        overrides = _overrides(run_dir)
-        before = models.get("before") or models.get("model")
-        # Sweep jobs each hold their own copy of the same aligned model: one row per distinct
-        # set of measurements, not per path.
-        key = json.dumps(before["summary"], sort_keys=True) if before is not None else None
-        if before is not None and key not in befores:
-            befores[key] = Entry("none (alignment only)", "none", run_dir, 0, 0, [], before)
-        if "after" in models:
-            method = refine_summary.get("method") or metrics["config"]["refine"].get("method", "zo")
-            label = method + (f" [{', '.join(overrides)}]" if overrides else f" ({run_dir.name})")
-            entries.append(Entry(
-                label, method, run_dir, int(refine_summary.get("forward_passes", 0)), int(refine_summary.get("steps", 0)),
-                list(refine_summary.get("layers", [])), models["after"], overrides,
-                before_area=_area(before)["mean"] if before is not None else None,
-                seconds=refine_summary.get("seconds"),
-            ))
-    if not entries and not befores:
-        raise DataError("no evaluated models in the given runs")
-    _label_by_differences(entries)
-    return list(befores.values()) + entries
-
-
-def _label_by_differences(entries: list[Entry]) -> None:
-    """Label sweep members by the overrides that tell them apart (not the ones they all share)."""
-    if len(entries) < 2:
-        return
-    shared = set(entries[0].overrides).intersection(*(set(e.overrides) for e in entries[1:]))
-    for entry in entries:
-        distinct = [o for o in entry.overrides if o not in shared and not o.startswith("refine.method=")]
-        if entry.overrides:
-            entry.label = entry.method + (f" [{', '.join(distinct)}]" if distinct else "")
-
-
-def _stage_summary(run_dir: Path, stage: str) -> dict[str, Any]:
-    path = run_dir / f"{stage}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _area(result: dict[str, Any]) -> dict[str, float]:
-    return result.get("refusal_curve_area_interval") or mean_interval([result["refusal_curve_area"]])
 
 
 def _noise_mean(result: dict[str, Any], metric: str) -> float:
@@ -157,7 +54,7 @@ def comparison_rows(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]
     rows, records = [], []
     for entry in entries:
         summary = entry.result["summary"]
-        area = _area(entry.result)
+        area = refusal_area(entry.result)
         gain = None if entry.before_area is None else area["mean"] - entry.before_area
         robust = entry.result.get("robust_sigma")
         quant = {q: summary[q]["harmful_refusal_rate"] if q in summary else None for q in quantized}
@@ -227,52 +124,6 @@ def _shortest_distinct(setting: Sequence[str], groups: dict[tuple[str, ...], lis
     """The overrides of ``setting`` that not every pooled group shares."""
     shared = set.intersection(*(set(g[1:]) for g in groups))
     return [o for o in setting if o not in shared and not o.startswith("refine.method=")]
-
-
-def plot_gain_vs_forwards(path: Path, entries: Sequence[Entry]) -> None:
-    """Robustness gain (refusal-area change vs the unrefined model) against forward passes, per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(6.4, 4.2))
-    methods = sorted({e.method for e in entries if e.method != "none"})
-    for method in methods:
-        points = sorted(
-            ((e.forward_passes, _area(e.result), e.before_area) for e in entries if e.method == method and e.before_area is not None),
-            key=lambda point: point[0],
-        )
-        if not points:
-            continue
-        xs = [x for x, _, _ in points]
-        gains = [a["mean"] - b for _, a, b in points]
-        errors = [[a["mean"] - a["low"] for _, a, _ in points], [a["high"] - a["mean"] for _, a, _ in points]]
-        # A line reads as "more budget"; settings at the same budget are separate points.
-        line = "-" if len(set(xs)) == len(xs) else "none"
-        axis.errorbar(xs, gains, yerr=errors, marker="o", capsize=3, linestyle=line, label=method)
-    axis.axhline(0.0, color="gray", linewidth=0.8)
-    axis.set_xlabel("forward-pass equivalents spent (backward = 2 forwards)")
-    axis.set_ylabel("gain in refusal-curve area vs no refinement")
-    save_figure(fig, axis, path, "Robustness bought per forward pass")
-
-
-def plot_refusal_curves(path: Path, entries: Sequence[Entry]) -> None:
-    """Refusal rate against σ, one line per compared model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(7.2, 4.4))
-    for entry in entries:
-        points = noise_curve(entry.result["summary"])
-        style = "k--" if entry.method == "none" else "-"
-        axis.plot([s for s, _ in points], [v["harmful_refusal_rate"]["mean"] for _, v in points], style, marker=".", label=entry.label)
-    axis.set_xlabel("relative weight noise σ")
-    axis.set_ylabel("refusal rate (harmful, held out)")
-    axis.set_ylim(-0.02, 1.02)
-    save_figure(fig, axis, path, "Refusal under weight noise, per compared model", legend_size=7)
 
 
 def compare(paths: Sequence[Path], out_dir: Path | None = None, pool: str | None = "refine.seed") -> dict[str, Path]:

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from zorefine.config import BuiltinModelConfig
 from zorefine.data import builtin_path, load_examples, select
 from zorefine.models.loading import save_checkpoint
-from zorefine.align.sft import SFTSettings, run_sft
+from zorefine.models.sft import SFTSettings, run_sft
 
 log = logging.getLogger(__name__)
 

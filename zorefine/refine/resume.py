@@ -16,18 +16,20 @@ log = logging.getLogger(__name__)
 HOW_NOT_WHAT = ("steps", "budget", "log_every", "prefix_cache", "store", "deepspeed")
 
 
-def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether a logged run can be continued: same start, parameters and settings but the step count.
+def trajectory_settings(header: dict[str, Any]) -> dict[str, Any]:
+    """The refine settings of a trajectory header that decide what its steps compute.
 
     Settings that change how, not what, is computed (prefix cache, weight store, ZeRO
-    partitioning) may differ.
+    partitioning, the step count) are left out, at the top of ``refine`` and in ``refine.zo``.
     """
+    kept = {k: v for k, v in header.get("refine", {}).items() if k not in HOW_NOT_WHAT}
+    if isinstance(kept.get("zo"), dict):
+        kept["zo"] = {k: v for k, v in kept["zo"].items() if k not in HOW_NOT_WHAT}
+    return kept
 
-    def settings(header: dict[str, Any]) -> dict[str, Any]:
-        kept = {k: v for k, v in header.get("refine", {}).items() if k not in HOW_NOT_WHAT}
-        if isinstance(kept.get("zo"), dict):  # the engine's settings (refine.zo) hold the weight store
-            kept["zo"] = {k: v for k, v in kept["zo"].items() if k not in HOW_NOT_WHAT}
-        return kept
+
+def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a logged run can be continued: same start, parameters and settings but the step count."""
 
     def version(header: dict[str, Any]) -> int:
         return header.get("environment", {}).get("directions_version", 1)
@@ -35,7 +37,7 @@ def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
     return (
         previous.get("base_checkpoint") == current["base_checkpoint"]
         and previous.get("parameters") == current["parameters"]
-        and settings(previous) == settings(current)
+        and trajectory_settings(previous) == trajectory_settings(current)
         and version(previous) == version(current)
     )
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from zorefine.distributed import processes as distributed
+from zorefine import distributed
+from zorefine.config.refine import TARGET_MODES
 from zorefine.models.generation import generate_responses
 
-TARGET_MODES = ("reference", "self", "self_benign")
 
 Pair = tuple[str, str]
 

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Sequence, Tuple
 
 import torch
 
-from zorefine.distributed import processes as distributed
+from zorefine import distributed
 from zorefine.distributed.partitions import local_entries, whole_rms
 from zorefine.zo.directions import DIRECTIONS, Direction, tensor_seed
 from zorefine.zo.weight_store import STORES, make_store
