@@ -7,6 +7,7 @@ directory (``hydra.run.dir=DIR``) skips finished stages, so a killed run resumes
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from zorefine import distributed
-from zorefine.config import Stage
+from zorefine.config.schema import Stage
+from zorefine.config.validate import analyze_needed
 from zorefine.data import Example, builtin_path, load_examples, select
 from zorefine.errors import DataError
 from zorefine.models.loading import check_causal_lm_dir, load_causal_lm, save_checkpoint, write_json_atomic
@@ -28,6 +30,20 @@ SELECTION_FILE = "selection.json"
 TRAJECTORY_FILE = "trajectory.jsonl"
 TARGETS_FILE = "refine_targets.json"
 METRICS_FILE = "metrics.json"
+
+
+def needed_splits(cfg: DictConfig, stages: list[Stage]) -> list[tuple[str, str]]:
+    """The (split, kind) rows of the safety data that the requested stages read."""
+    needed: list[tuple[str, str]] = []
+    if Stage.align in stages and cfg.align.enabled:
+        needed += [("train", "harmful"), ("train", "benign")]
+    if Stage.analyze in stages and analyze_needed(cfg):
+        needed += [("val", "harmful")] + ([("val", "benign")] if cfg.analyze.num_benign else [])
+    if Stage.refine in stages:
+        needed += [("train", "harmful"), ("train", "benign")]
+    if Stage.evaluate in stages:
+        needed += [(cfg.evaluate.split, "harmful"), (cfg.evaluate.split, "benign")]
+    return list(dict.fromkeys(needed))
 
 
 @dataclass
@@ -55,14 +71,24 @@ class Run:
     @property
     def aligned_checkpoint(self) -> Path:
         """What analyze and refine start from: the align output when align ran, else the start."""
-        aligned = self.run_dir / ALIGNED_DIR
-        return aligned if self.is_done(Stage.align) and aligned.is_dir() else self.start_checkpoint
+        if not self.is_done(Stage.align) or not self.stage_summary(Stage.align).get("enabled", True):
+            return self.start_checkpoint
+        return self._stage_output(Stage.align, ALIGNED_DIR)
 
     @property
     def refined_checkpoint(self) -> Path | None:
         """The refine output, when refine ran in this run."""
-        refined = self.run_dir / REFINED_DIR
-        return refined if self.is_done(Stage.refine) and refined.is_dir() else None
+        return self._stage_output(Stage.refine, REFINED_DIR) if self.is_done(Stage.refine) else None
+
+    def _stage_output(self, stage: Stage, name: str) -> Path:
+        # A marker without its output must never fall back to another model silently.
+        path = self.run_dir / name
+        if not path.is_dir():
+            raise DataError(
+                f"{self.marker(stage)} marks {stage.value} done but {path} is missing: "
+                f"add {stage.value} to stages to compute it again"
+            )
+        return path
 
     def load_model(self, path: Path):
         """Load a checkpoint with the run's dtype/device settings."""
@@ -88,13 +114,19 @@ class Run:
         return rows[:limit] if limit is not None else rows
 
     @cached_property
-    def overrefusal_examples(self) -> list[Example]:
-        """Safe prompts that should not be refused (built-in XSTest unless configured)."""
+    def overrefusal_file(self) -> Path | None:
+        """The over-refusal JSONL in use (built-in XSTest unless configured; None when turned off)."""
         configured = self.cfg.data.overrefusal_file
         if configured == "":
+            return None
+        return Path(configured) if configured else builtin_path("xstest_safe")
+
+    @cached_property
+    def overrefusal_examples(self) -> list[Example]:
+        """Safe prompts that should not be refused (built-in XSTest unless configured)."""
+        if self.overrefusal_file is None:
             return []
-        path = Path(configured) if configured else builtin_path("xstest_safe")
-        return [e for e in load_examples(path) if e.kind == "benign"]
+        return [e for e in load_examples(self.overrefusal_file) if e.kind == "benign"]
 
     def overrefusal_prompts(self, split: str) -> list[str]:
         """The over-refusal prompts of ``split``; a file without that split gives all its prompts.
@@ -112,12 +144,29 @@ class Run:
     def is_done(self, stage: Stage) -> bool:
         return self.marker(stage).is_file()
 
-    def preflight(self) -> None:
-        """Check the inputs every stage will need before any work starts (fail fast, lose nothing)."""
+    def stage_summary(self, stage: Stage) -> dict[str, Any]:
+        """What a finished stage recorded in its marker (this run's summary once it ran here)."""
+        if stage.value not in self.summaries:
+            try:
+                self.summaries[stage.value] = json.loads(self.marker(stage).read_text())
+            except (OSError, ValueError) as error:
+                raise DataError(f"{self.marker(stage)}: unreadable stage marker ({error}); delete it to run the stage again") from error
+        return self.summaries[stage.value]
+
+    def forget(self, stage: Stage) -> None:
+        """Drop a stage's done-marker before it runs (again): a crash mid-way leaves it not done."""
+        if self.processes.is_main:
+            self.marker(stage).unlink(missing_ok=True)
+        self.summaries.pop(stage.value, None)
+        self.processes.barrier()
+
+    def preflight(self, stages: list[Stage]) -> None:
+        """Check the inputs the requested stages will need before any work starts (fail fast, lose nothing)."""
         if self.cfg.model.path is not None:
             _ = self.start_checkpoint
-        _ = self.examples
         _ = self.overrefusal_examples
+        for split, kind in needed_splits(self.cfg, stages):
+            self.split(split, kind)
 
     def finish(self, stage: Stage, summary: dict[str, Any]) -> None:
         """Record a finished stage; its JSON is the last thing it writes (by the main process)."""

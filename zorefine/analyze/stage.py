@@ -10,8 +10,7 @@ from zorefine.analyze.curvature import zo_curvature
 from zorefine.analyze.heatmap import plot_heatmap
 from zorefine.analyze.ranking import as_rows, rank_units, unit_scores
 from zorefine.analyze.sensitivity import Analysis, Probe, ThreatFamily, unit_sensitivity
-from zorefine.config.schema import Stage
-from zorefine.config.validate import SELECTING_METHODS
+from zorefine.config.validate import analyze_needed
 from zorefine.judge import build_judge
 from zorefine.models.loading import write_json_atomic
 from zorefine.models.selection import Selection, SelectionPolicy, select_units
@@ -75,7 +74,7 @@ def run(run: Run) -> dict[str, Any]:
     """Write ``sensitivity.json``, the heatmap ``sensitivity.png`` and ``selection.json``."""
     cfg = run.cfg.analyze
     method = run.cfg.refine.method
-    if Stage.refine in {Stage(s) for s in run.cfg.stages} and method not in SELECTING_METHODS:
+    if not analyze_needed(run.cfg):
         log.info("[analyze] skipped: refine.method=%s does not use a layer selection", method)
         return {"skipped": f"refine.method={method} uses no selection"}
     started = time.perf_counter()

@@ -8,6 +8,8 @@ from typing import List, Optional
 from omegaconf import DictConfig
 
 from zorefine.config.checks import require
+from zorefine.judge.registry import build_judge
+from zorefine.threats import parse_threat
 
 
 @dataclass
@@ -45,3 +47,6 @@ def check_evaluate(cfg: DictConfig) -> None:
     require(0 < cfg.break_fraction < 1, "evaluate.break_fraction must be in (0, 1)")
     require(0 < cfg.robust_level <= 1, "evaluate.robust_level must be in (0, 1]")
     require(cfg.split in ("test", "val"), f"evaluate.split must be 'test' or 'val', got {cfg.split!r}")
+    for spec in cfg.quantization:
+        parse_threat(spec)  # a bad spec fails before any stage runs, not after align and analyze
+    build_judge(cfg.judge)  # an unknown judge, or one that needs options the config lacks, fails now

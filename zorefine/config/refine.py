@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from zorefine.config.checks import require
 from zorefine.errors import ConfigError
+from zorefine.threats import parse_threat
 from zorefine.zo.engine import SCHEDULES, ZOSettings
 
 REFINE_METHODS = ("zo", "zo_full", "zo_random", "sft", "sam", "rwp")
@@ -125,6 +126,8 @@ def check_refine(cfg: DictConfig) -> None:
         cfg.deepspeed is None or cfg.objective_threat is None,
         "refine.objective_threat cannot be combined with refine.deepspeed (a threat writes whole weights; partitions hold slices)",
     )
+    if cfg.objective_threat is not None:
+        parse_threat(cfg.objective_threat)
     require(cfg.unit_schedule in UNIT_SCHEDULES, "refine.unit_schedule must be 'joint' or 'curvature'")
     for key in ("lr_schedule", "eps_schedule"):
         require(cfg[key] in SCHEDULES, f"refine.{key} must be constant, linear or cosine")

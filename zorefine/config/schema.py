@@ -40,8 +40,11 @@ class ZorefineConfig:
 
     stages: List[Stage] = field(default_factory=lambda: list(Stage))
     seed: int = 0
-    # Skip stages whose outputs already exist in the run directory (rerun with hydra.run.dir=DIR).
-    resume: bool = True
+    # Rerunning in an existing run directory (hydra.run.dir=DIR): "true" skips every stage whose
+    # recorded settings, inputs and outputs are still current and runs the rest (and what follows
+    # them) again; "strict" stops with one line instead of re-running a stage whose settings
+    # changed; "false" runs every requested stage afresh.
+    resume: str = "true"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     align: AlignConfig = field(default_factory=AlignConfig)

@@ -17,9 +17,25 @@ from zorefine.config.schema import STAGE_ORDER, Stage
 SELECTING_METHODS = ("zo", "zo_random")
 
 
+RESUME_MODES = ("true", "false", "strict")
+
+
+def resume_mode(value: object) -> str:
+    """``resume`` as one of true / false / strict (Hydra hands booleans over as strings)."""
+    mode = str(value).strip().lower()
+    require(mode in RESUME_MODES, f"resume must be true, false or strict; got {value!r}")
+    return mode
+
+
+def analyze_needed(cfg: DictConfig) -> bool:
+    """Whether analyze measures anything: not when the refine run after it uses no selection."""
+    return Stage.refine not in {Stage(s) for s in cfg.stages} or cfg.refine.method in SELECTING_METHODS
+
+
 def validate(cfg: DictConfig) -> None:
     """Reject values and combinations the types cannot rule out, with one clear message."""
     require(len(cfg.stages) > 0, "stages: choose at least one of " + ", ".join(STAGE_ORDER))
+    resume_mode(cfg.resume)
     check_model(cfg.model)
     check_data(cfg.data)
     check_align(cfg.align)

@@ -22,9 +22,13 @@ def trajectory_settings(header: dict[str, Any]) -> dict[str, Any]:
     Settings that change how, not what, is computed (prefix cache, weight store, ZeRO
     partitioning, the step count) are left out, at the top of ``refine`` and in ``refine.zo``.
     """
-    kept = {k: v for k, v in header.get("refine", {}).items() if k not in HOW_NOT_WHAT}
+    refine = header.get("refine", {})
+    scheduled = any(refine.get(key, "constant") != "constant" for key in ("lr_schedule", "eps_schedule"))
+    # A schedule spreads over the total steps: then the step count decides each step's lr and ε.
+    ignored = set(HOW_NOT_WHAT) - ({"steps", "budget"} if scheduled else set())
+    kept = {k: v for k, v in refine.items() if k not in ignored}
     if isinstance(kept.get("zo"), dict):
-        kept["zo"] = {k: v for k, v in kept["zo"].items() if k not in HOW_NOT_WHAT}
+        kept["zo"] = {k: v for k, v in kept["zo"].items() if k not in ignored}
     return kept
 
 
