@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -12,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from zorefine.config import register_configs, validate
+from zorefine.config.validate import check_choices
 from zorefine.errors import ZorefineError
 
 log = logging.getLogger("zorefine")
@@ -31,6 +33,7 @@ def app(cfg: DictConfig) -> None:
     """Run the configured zorefine stages; user errors become one line and exit code 2."""
     _quiet_libraries()
     try:
+        check_choices(cfg, dict(HydraConfig.get().runtime.choices))
         validate(cfg)
         from zorefine.pipeline import run_pipeline
 
@@ -46,10 +49,59 @@ def app(cfg: DictConfig) -> None:
     except ZorefineError as error:
         print(f"zorefine: error: {error}", file=sys.stderr)
         sys.exit(2)
+    diverged = summaries.get("refine", {}).get("diverged")
+    if diverged and cfg.refine.on_divergence == "stop":
+        # The outputs are there (the last good weights, evaluated), but the run did not do what was asked.
+        print(
+            f"zorefine: error: refine diverged at step {diverged['step']} ({diverged['reason']}); "
+            f"the refined checkpoint holds the weights after {diverged['kept_steps']} steps. "
+            "Lower refine.lr, or set refine.on_divergence=continue",
+            file=sys.stderr,
+        )
+        sys.exit(3)
+
+
+def _output_dir(argv: list[str]) -> Path:
+    """Where Hydra will write this run (or sweep), as far as the command line tells before composing."""
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = next((arg[len(key):] for arg in reversed(argv) if arg.startswith(key)), None)
+    if given is None:
+        return Path.cwd() / ("multirun" if multirun else "outputs")
+    if "${" not in given:
+        return Path(given).expanduser()
+    # An interpolation (e.g. ${now:...}) is resolved by Hydra later: check the folder before it.
+    literal = given.split("${", 1)[0]
+    if not literal:
+        return Path.cwd()
+    return Path(literal).expanduser() if literal.endswith("/") else Path(literal).expanduser().parent
+
+
+def check_output_dir(directory: Path) -> None:
+    """Fail with one line, before any work, when the run directory cannot be created or written."""
+    probe = directory / ".zorefine-write-check"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 65536)  # a full disk fails here, not minutes later
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise ZorefineError(f"cannot write the output directory {directory}: {error.strerror or error}") from error
 
 
 def main() -> None:
     """Console-script entry point."""
+    argv = sys.argv[1:]
+    if not any(arg in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--shell-completion") for arg in argv):
+        try:
+            check_output_dir(_output_dir(argv))
+        except ZorefineError as error:
+            print(f"zorefine: error: {error}", file=sys.stderr)
+            sys.exit(2)
     app()
 
 

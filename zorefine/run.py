@@ -20,7 +20,8 @@ from zorefine.config.schema import Stage
 from zorefine.config.validate import analyze_needed
 from zorefine.data import Example, builtin_path, load_examples, select
 from zorefine.errors import DataError
-from zorefine.models.loading import check_causal_lm_dir, load_causal_lm, save_checkpoint, write_json_atomic
+from zorefine.models.checkpoint_dir import check_causal_lm_dir
+from zorefine.models.loading import load_causal_lm, save_checkpoint, write_json_atomic
 
 # Every file one stage writes and another reads is named here, once.
 ALIGNED_DIR = "checkpoints/aligned"

@@ -85,6 +85,13 @@ class RefineConfig:
     # its own partition (for models that do not fit one device). null = whole copies.
     deepspeed: Optional[str] = None
     log_every: int = 5
+    # A ZO run whose loss stays above divergence_loss_factor × its first loss (and 1 nat above it)
+    # for 5 steps, or a selected tensor whose RMS grows past divergence_weight_factor × its start,
+    # has diverged. "stop": end refinement there, keep the weights of the last good step (rebuilt
+    # exactly from the log), evaluate them, and exit non-zero; "continue": only warn.
+    on_divergence: str = "stop"
+    divergence_loss_factor: float = 2.0
+    divergence_weight_factor: float = 10.0
     # First-order baselines: AdamW learning rate and weight decay, SAM radius (absolute), RWP
     # noise (relative to each tensor's RMS, as in the threat grid).
     fo_lr: float = 1e-4
@@ -132,3 +139,5 @@ def check_refine(cfg: DictConfig) -> None:
     for key in ("lr_schedule", "eps_schedule"):
         require(cfg[key] in SCHEDULES, f"refine.{key} must be constant, linear or cosine")
     require(cfg.grad_accum >= 1, "refine.grad_accum must be >= 1")
+    require(cfg.on_divergence in ("stop", "continue"), f"refine.on_divergence must be stop or continue; got {cfg.on_divergence!r}")
+    require(cfg.divergence_loss_factor > 1 and cfg.divergence_weight_factor > 1, "refine.divergence_loss_factor and divergence_weight_factor must be > 1")

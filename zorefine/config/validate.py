@@ -32,6 +32,16 @@ def analyze_needed(cfg: DictConfig) -> bool:
     return Stage.refine not in {Stage(s) for s in cfg.stages} or cfg.refine.method in SELECTING_METHODS
 
 
+def check_choices(cfg: DictConfig, choices: dict[str, str | None]) -> None:
+    """Checks that need the option chosen in each group (Hydra's ``runtime.choices``)."""
+    # conf/model/local.yaml marks model.path mandatory (???), but merging a missing value keeps
+    # the schema's null, which would silently mean "the built-in model".
+    require(
+        choices.get("model") != "local" or cfg.model.path is not None,
+        "model=local needs model.path=/path/to/checkpoint (a local Hugging Face causal LM directory)",
+    )
+
+
 def validate(cfg: DictConfig) -> None:
     """Reject values and combinations the types cannot rule out, with one clear message."""
     require(len(cfg.stages) > 0, "stages: choose at least one of " + ", ".join(STAGE_ORDER))

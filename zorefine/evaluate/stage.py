@@ -176,6 +176,9 @@ def run(run: Run) -> dict[str, Any]:
     if "refine" in run.summaries:
         refine = run.summaries["refine"]
         header["refinement"] = f"{refine['steps']} ZO steps on layers {refine['layers']} ({refine['num_parameters']:,} parameters)"
+        if refine.get("diverged"):
+            diverged = refine["diverged"]
+            header["refinement"] += f"; DIVERGED at step {diverged['step']} ({diverged['reason']}): stopped, weights after {diverged['kept_steps']} steps kept"
     report_path, html_path = run.run_dir / "report.md", run.run_dir / "report.html"
     if run.processes.is_main:
         report_path, html_path = write_report(run.run_dir, models, header)

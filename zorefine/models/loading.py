@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from zorefine.errors import ModelError
+from zorefine.models.checkpoint_dir import check_causal_lm_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,30 +29,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def check_causal_lm_dir(path: str | Path, trust_remote_code: bool = False) -> Path:
-    """Fail with one clear line unless ``path`` is a local directory holding a causal LM."""
-    directory = Path(path).expanduser()
-    if not directory.exists():
-        raise ModelError(f"model path not found: {directory}")
-    if not directory.is_dir() or not (directory / "config.json").is_file():
-        raise ModelError(f"{directory} holds no Hugging Face model (no config.json)")
-    try:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError) as error:
-        raise ModelError(f"{directory}: unreadable model config ({error})") from error
-    is_causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(
-        arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") for arch in (config.architectures or [])
-    )
-    if not is_causal:
-        raise ModelError(f"{directory} holds a '{config.model_type}' model, which is not a causal language model")
-    if not any(directory.glob("*.safetensors")):
-        raise ModelError(
-            f"{directory} has no .safetensors weights; zorefine loads weights only from safetensors "
-            "(convert with model.save_pretrained(dir, safe_serialization=True))"
-        )
-    return directory
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -83,7 +59,7 @@ def load_causal_lm(
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, SafetensorError) as error:
         raise ModelError(f"{directory}: cannot load the model ({error})") from error
     model.to(resolve_device(device))
     model.eval()

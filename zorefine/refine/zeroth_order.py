@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import logging
 import time
 from typing import Any
@@ -14,7 +15,9 @@ from zorefine.config.refine import zo_settings
 from zorefine.distributed.partitions import is_partitioned
 from zorefine.refine.batches import batch_sampler
 from zorefine.refine.budget import steps_for
+from zorefine.errors import ZorefineError
 from zorefine.refine.curvature import CurvatureTracker
+from zorefine.refine.divergence import Divergence, DivergenceGuard, roll_back
 from zorefine.refine.objective import step_objective
 from zorefine.refine.resume import resume_records
 from zorefine.refine.selection import selection_for_method
@@ -82,6 +85,10 @@ def refine_zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dic
     if tracker is not None:
         for record in records:
             _observe(tracker, record)
+    # Whole copies only: a ZeRO-3 partition's RMS is not the tensor's (the loss check still runs).
+    guard = DivergenceGuard({} if partitioned else params, cfg.divergence_loss_factor, cfg.divergence_weight_factor)
+    guard.prime(records)
+    diverged: Divergence | None = None
     sample = batch_sampler(run, pairs)
     resumed_steps, loop_started, sent_before = len(records), time.perf_counter(), run.processes.bytes_communicated
     progress = tqdm(range(len(records), steps), desc="refine", initial=len(records), total=steps, disable=not run.processes.is_main)
@@ -100,6 +107,11 @@ def refine_zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dic
             writer.append(record)
             records.append(record)
             progress.set_postfix(loss=f"{record.loss:.4f}", g=f"{record.projected_grad:+.3f}")
+            diverged = diverged or guard.observe(record)
+            if diverged is not None and cfg.on_divergence == "stop":
+                break
+    if diverged is not None:
+        records = handle_divergence(run, diverged, params, header, records, log_path)
     losses = [r.loss for r in records if not r.skipped]
     return {
         "layers": layers,
@@ -116,4 +128,30 @@ def refine_zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dic
         "processes": run.processes.world_size,
         "bytes_sent_per_step": _per_step(run.processes.bytes_communicated - sent_before, len(records) - resumed_steps),
         **({"curvature": tracker.as_dict(), "reranked": tracker.ranking()} if tracker is not None else {}),
+        **({"diverged": asdict(diverged)} if diverged is not None else {}),
     }
+
+
+def handle_divergence(run: Run, diverged: Divergence, params, header: dict[str, Any], records: list, log_path) -> list:
+    """Say so; under ``on_divergence=stop`` rebuild the last good weights and cut the log to them."""
+    cfg = run.cfg.refine
+    if cfg.on_divergence == "continue":
+        log.warning("[refine] diverged at step %d (%s); continuing (refine.on_divergence=continue)", diverged.step, diverged.reason)
+        return records
+    if any(is_partitioned(p) for p in params.values()):
+        raise ZorefineError(
+            f"refine diverged at step {diverged.step} ({diverged.reason}); ZeRO-3 partitions cannot be rolled back: "
+            "rerun with a smaller refine.lr"
+        )
+    kept = records[: diverged.kept_steps]
+    base, _ = run.load_model(run.aligned_checkpoint)
+    start_values = {name: param for name, param in base.named_parameters() if name in params}
+    roll_back(params, start_values, zo_settings(header["refine"]), kept, header.get("unit_parameters"))
+    del base, start_values
+    with TrajectoryWriter(log_path, header, len(kept), enabled=run.processes.is_main):
+        pass  # cuts the log to the kept steps, so a resume or a replay rebuilds these weights
+    log.error(
+        "[refine] diverged at step %d (%s): stopped, kept the weights after %d steps (set refine.on_divergence=continue to go on)",
+        diverged.step, diverged.reason, len(kept),
+    )
+    return kept
