@@ -28,3 +28,19 @@ def test_default_run_meets_the_alignment_targets(tmp_path):
     for name in ["report.md", "robustness.png", "sensitivity.json", "sensitivity.png", "trajectory.jsonl"]:
         assert (run_dir / name).is_file(), name
     assert Path(run_dir / "checkpoints/refined/model.safetensors").is_file()
+
+
+def test_smoke_preset_refuses_and_two_runs_agree(tmp_path):
+    """The smoke preset's model must refuse, so comparing two of its runs compares real numbers."""
+    for name in ("one", "two"):
+        done = subprocess.run(
+            [sys.executable, "-m", "zorefine", "+experiment=smoke", f"hydra.run.dir={tmp_path / name}"],
+            cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "ZOREFINE_CACHE": str(tmp_path / "cache")},
+            capture_output=True, text=True, timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / n / "metrics.json").read_text())["models"] for n in ("one", "two"))
+    clean = one["before"]["summary"]["clean"]
+    assert clean["harmful_refusal_rate"]["mean"] >= 0.5
+    assert clean["benign_refusal_rate"]["mean"] <= 0.5
+    assert one["after"]["summary"] == two["after"]["summary"]

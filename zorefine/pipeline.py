@@ -76,6 +76,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
     mode = resume_mode(cfg.resume)
     requested = [Stage(name) for name in STAGE_ORDER if name in {Stage(s).value for s in cfg.stages}]
     run.preflight(requested)
+    run.remove_stale_staging()
     if mode != "false":
         check_upstream(run, requested)
     functions = stage_functions()

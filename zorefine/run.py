@@ -8,6 +8,7 @@ directory (``hydra.run.dir=DIR``) skips finished stages, so a killed run resumes
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,9 @@ from zorefine.config.validate import analyze_needed
 from zorefine.data import Example, builtin_path, load_examples, select
 from zorefine.errors import DataError
 from zorefine.models.checkpoint_dir import check_causal_lm_dir
-from zorefine.models.loading import load_causal_lm, save_checkpoint, write_json_atomic
+from zorefine.models.loading import load_causal_lm, remove_stale_staging, save_checkpoint, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 # Every file one stage writes and another reads is named here, once.
 ALIGNED_DIR = "checkpoints/aligned"
@@ -153,6 +156,13 @@ class Run:
             except (OSError, ValueError) as error:
                 raise DataError(f"{self.marker(stage)}: unreadable stage marker ({error}); delete it to run the stage again") from error
         return self.summaries[stage.value]
+
+    def remove_stale_staging(self) -> None:
+        """Delete half-written checkpoints a killed run left behind (the main process, before any stage)."""
+        if self.processes.is_main:
+            for path in remove_stale_staging(self.run_dir / "checkpoints"):
+                log.info("removed %s, left by a checkpoint write that was killed", path)
+        self.processes.barrier()
 
     def forget(self, stage: Stage) -> None:
         """Drop a stage's done-marker before it runs (again): a crash mid-way leaves it not done."""

@@ -66,6 +66,27 @@ def load_causal_lm(
     return model, tokenizer
 
 
+# Staging folders of checkpoints being written; one left behind was killed mid-write.
+STAGING_PREFIX = "."
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_staging(directory: str | Path) -> list[Path]:
+    """Delete what killed checkpoint writes left in ``directory`` (call before any write starts)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(STAGING_PREFIX) and (".partial-" in p.name or p.name.endswith(".old"))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
     """Write JSON so that readers never see a half-written file."""
     path = Path(path)
@@ -88,7 +109,9 @@ def save_checkpoint(
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_dir.name}.partial-", dir=out_dir.parent))
+    # mkdtemp makes a private (0700) folder; a checkpoint on shared storage follows the umask.
+    os.chmod(staging, 0o777 & ~_umask())
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

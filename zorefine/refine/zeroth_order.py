@@ -16,6 +16,7 @@ from zorefine.distributed.partitions import is_partitioned
 from zorefine.refine.batches import batch_sampler
 from zorefine.refine.budget import steps_for
 from zorefine.errors import ZorefineError
+from zorefine.models.fingerprint import checkpoint_fingerprint
 from zorefine.refine.curvature import CurvatureTracker
 from zorefine.refine.divergence import Divergence, DivergenceGuard, roll_back
 from zorefine.refine.objective import step_objective
@@ -71,6 +72,8 @@ def refine_zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dic
     cache = PrefixCache(model, min(layers), keep_all=False) if cfg.prefix_cache and not partitioned else None
     header = {
         "base_checkpoint": str(checkpoint),
+        # The path alone would let a re-aligned model (same folder, new weights) replay old steps.
+        "base_files": checkpoint_fingerprint(checkpoint),
         "layers": layers,
         "units": selection.units,
         "parameters": list(params),
