@@ -38,9 +38,10 @@ def test_every_group_option_composes(option):
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in CONF_DIR.glob("experiment/*.yaml")))
-def test_every_experiment_composes(experiment):
-    # study_val refines a given model's given selection: the user must say which.
-    needs = {"study_val": ["model.path=/somewhere", "refine.selection_file=/somewhere/selection.json"]}
+def test_every_experiment_composes(experiment, tmp_path):
+    # study_val refines a given model's given selection: the user must say which (and it must exist).
+    (tmp_path / "selection.json").write_text("{}")
+    needs = {"study_val": ["model.path=/somewhere", f"refine.selection_file={tmp_path / 'selection.json'}"]}
     validate(_compose([f"+experiment={experiment}", *needs.get(experiment, [])]))
 
 

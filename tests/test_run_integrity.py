@@ -340,6 +340,9 @@ def test_the_output_directory_is_read_from_the_command_line():
         ({"evaluate.judge": "model"}, "the model judge needs path="),
         ({"resume": "maybe"}, "resume must be true, false or strict"),
         ({"refine.on_divergence": "ignore"}, "refine.on_divergence must be stop or continue"),
+        ({"align.deepspeed": "/no/such/zero3.json"}, "align.deepspeed: no such file"),
+        ({"refine.deepspeed": "/no/such/zero3.json"}, "refine.deepspeed: no such file"),
+        ({"refine.selection_file": "/no/such/selection.json"}, "refine.selection_file: no such file"),
     ],
 )
 def test_every_config_value_is_checked_up_front(override, message):
@@ -371,3 +374,14 @@ def test_leftovers_of_a_killed_checkpoint_write_are_removed_and_checkpoints_foll
     assert not leftover.exists()
     mode = stat.S_IMODE((tmp_path / "checkpoints" / "aligned").stat().st_mode)
     assert mode == 0o755
+
+
+def test_zero_initialised_tensors_do_not_count_as_exploding():
+    weight, bias = torch.nn.Parameter(torch.randn(16, 16)), torch.nn.Parameter(torch.zeros(16))
+    guard = DivergenceGuard({"w": weight, "b": bias})
+    with torch.no_grad():
+        bias.add_(0.05)  # an ordinary update of a bias that started at zero
+    assert guard.observe(_record(0, 1.0)) is None
+    with torch.no_grad():
+        bias.add_(100.0)
+    assert "RMS of b" in guard.observe(_record(1, 1.0)).reason

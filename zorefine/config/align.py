@@ -7,7 +7,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from zorefine.config.checks import require
+from zorefine.config.checks import require, require_json_file
 
 
 @dataclass
@@ -34,3 +34,4 @@ def check_align(cfg: DictConfig) -> None:
     """Ranges the ``align`` group's types cannot express."""
     require(cfg.epochs > 0 and cfg.lr > 0, "align.epochs and align.lr must be > 0")
     require(cfg.batch_size >= 1, "align.batch_size must be >= 1")
+    require_json_file("align.deepspeed", cfg.deepspeed)

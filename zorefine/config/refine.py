@@ -12,7 +12,7 @@ from typing import Any, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from zorefine.config.checks import require
+from zorefine.config.checks import require, require_json_file
 from zorefine.errors import ConfigError
 from zorefine.threats import parse_threat
 from zorefine.zo.engine import SCHEDULES, ZOSettings
@@ -139,5 +139,7 @@ def check_refine(cfg: DictConfig) -> None:
     for key in ("lr_schedule", "eps_schedule"):
         require(cfg[key] in SCHEDULES, f"refine.{key} must be constant, linear or cosine")
     require(cfg.grad_accum >= 1, "refine.grad_accum must be >= 1")
+    require_json_file("refine.deepspeed", cfg.deepspeed)
+    require_json_file("refine.selection_file", cfg.selection_file)
     require(cfg.on_divergence in ("stop", "continue"), f"refine.on_divergence must be stop or continue; got {cfg.on_divergence!r}")
     require(cfg.divergence_loss_factor > 1 and cfg.divergence_weight_factor > 1, "refine.divergence_loss_factor and divergence_weight_factor must be > 1")

@@ -52,6 +52,11 @@ class DivergenceGuard:
 
     def __post_init__(self) -> None:
         self._start_rms = {name: _rms(p) for name, p in self.params.items()}
+        # Zero-initialised tensors (biases, GPT-2's norms) have no scale of their own: they are
+        # measured against the selection's overall RMS instead.
+        sizes = {name: p.numel() for name, p in self.params.items()}
+        total = sum(sizes.values())
+        self._floor = math.sqrt(sum(self._start_rms[n] ** 2 * sizes[n] for n in sizes) / total) if total else 0.0
 
     def prime(self, records: Sequence[ZOStepRecord]) -> None:
         """Take the start loss and the recent window from steps replayed on resume."""
@@ -74,7 +79,7 @@ class DivergenceGuard:
     def _watch_weights(self) -> str | None:
         for name, param in self.params.items():
             rms, start = _rms(param), self._start_rms[name]
-            if not math.isfinite(rms) or rms > self.weight_factor * max(start, 1e-12):
+            if not math.isfinite(rms) or rms > self.weight_factor * max(start, self._floor, 1e-12):
                 return f"the RMS of {name} grew from {start:.3g} to {rms:.3g}"
         return None
 
