@@ -45,3 +45,42 @@ def spearman(first: dict[str, float], second: dict[str, float]) -> float:
     cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b))
     norm = math.sqrt(sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b))
     return cov / norm if norm > 0 else float("nan")
+
+
+def hierarchical_bootstrap(
+    differences: "np.ndarray", resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """Mean of paired differences and its bootstrap interval, resampling every level of nesting.
+
+    ``differences`` has one axis per source of variation, outermost first (e.g. refinement
+    seeds × noise draws × prompts): each resample draws the outer units with replacement, then
+    within each of them the next level, down to the prompts, so the interval carries all three
+    sources. Returns mean, low, high, n (cells) and ``excludes_zero``.
+    """
+    import numpy as np
+
+    data = np.asarray(differences, dtype=float)
+    if data.size == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "excludes_zero": False}
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for b in range(resamples):
+        sample = data
+        for axis in range(data.ndim):
+            # Draw this level's indices independently inside every outer unit already drawn.
+            shape = sample.shape[: axis + 1]
+            picks = rng.integers(0, sample.shape[axis], size=shape)
+            sample = np.take_along_axis(sample, picks.reshape(shape + (1,) * (sample.ndim - axis - 1)), axis=axis)
+        means[b] = sample.mean()
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    mean = float(data.mean())
+    return {"mean": mean, "low": float(low), "high": float(high), "n": int(data.size),
+            "excludes_zero": bool(low > 0 or high < 0)}
+
+
+def paired_verdict(interval: dict[str, float], lower_is_better: bool = True) -> str:
+    """"better" / "worse" only when the paired interval excludes zero; else "no significant change"."""
+    if not interval.get("excludes_zero"):
+        return "no significant change"
+    improved = interval["mean"] < 0 if lower_is_better else interval["mean"] > 0
+    return "better" if improved else "worse"

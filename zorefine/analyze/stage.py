@@ -17,6 +17,7 @@ from zorefine.models.selection import Selection, SelectionPolicy, select_units
 from zorefine.models.units import Unit, discover_units
 from zorefine.run import SELECTION_FILE, SENSITIVITY_FILE, Run
 from zorefine.stats import spearman
+from zorefine.threats.streams import stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def run(run: Run) -> dict[str, Any]:
     model, tokenizer = run.load_model(checkpoint)
     probe = probe_for(run)
     units = discover_units(model, cfg.granularity)
-    seeds = [run.cfg.seed * 1000 + s for s in range(cfg.seeds)]
+    # The analysis has its own noise stream: the draws it ranks units by are never evaluation draws.
+    seeds = [stream_seed("analyze", run.cfg.seed * 1000 + s) for s in range(cfg.seeds)]
     analysis = measure_units(run, model, tokenizer, units, probe, seeds)
     scores = unit_scores(analysis, cfg.rank_by)
     ranking = rank_units(scores, [u.name for u in units])

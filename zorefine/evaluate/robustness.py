@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
@@ -15,6 +15,7 @@ from zorefine.judge import RefusalJudge, Verdict
 from zorefine.models.objectives import mean_response_nll
 from zorefine.stats import mean_interval
 from zorefine.threats import Threat, WeightNoise, parse_threat, threatened
+from zorefine.threats.streams import stream_seed
 
 
 @dataclass
@@ -57,15 +58,23 @@ class ConditionResult:
     samples: dict[str, list[str]] = field(default_factory=dict)
 
 
-def threat_grid(sigmas: Sequence[float], seeds: int, quantization: Sequence[str]) -> list[Condition]:
-    """Clean, relative weight noise at each σ × seed, then each quantization spec."""
+def threat_grid(sigmas: Sequence[float], seeds: int, quantization: Sequence[str], stream: str = "test") -> list[Condition]:
+    """Clean, relative weight noise at each σ × seed, then each quantization spec.
+
+    Noise seed ``i`` of the grid is seed ``i`` of the named noise ``stream`` (``val`` or ``test``;
+    see :mod:`zorefine.threats.streams`); a random spec in ``quantization`` (e.g. ``anoise:0.1``)
+    draws from the same stream.
+    """
     grid = [Condition("clean", "clean")]
     for sigma in sigmas:
         for seed in range(seeds):
-            grid.append(
-                Condition(f"wnoise σ={sigma:g} seed={seed}", "weight_noise", WeightNoise(sigma, "relative", seed), sigma, seed)
-            )
-    grid.extend(Condition(spec, "quantization", parse_threat(spec)) for spec in quantization)
+            noise = WeightNoise(sigma, "relative", stream_seed(stream, seed))
+            grid.append(Condition(f"wnoise σ={sigma:g} seed={seed}", "weight_noise", noise, sigma, seed))
+    for spec in quantization:
+        threat = parse_threat(spec)
+        if hasattr(threat, "seed"):
+            threat = replace(threat, seed=stream_seed(stream, threat.seed))
+        grid.append(Condition(spec, "quantization", threat))
     return grid
 
 

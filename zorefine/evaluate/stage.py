@@ -102,7 +102,8 @@ def evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: 
 def _evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: EvalSets, name: str) -> dict[str, Any]:
     cfg = run.cfg.evaluate
     model, tokenizer = run.load_model(checkpoint)
-    grid = threat_grid(cfg.sigmas, cfg.seeds, cfg.quantization)
+    # Validation and test draw from their own noise streams: nothing tuned on val saw a test draw.
+    grid = threat_grid(cfg.sigmas, cfg.seeds, cfg.quantization, stream=cfg.split)
     results = evaluate_grid(
         model, tokenizer, sets, build_judge(cfg.judge), grid, cfg.max_new_tokens, cfg.batch_size,
         run.cfg.data.max_length, desc=f"evaluate {name}", clean_sets=clean_sets,

@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from zorefine.threats import WeightNoise, threatened
+from zorefine.threats.streams import stream_seed
 
 FIRST_ORDER_METHODS = ("sft", "sam", "rwp")
 FORWARD_COST = {"sft": 3, "sam": 6, "rwp": 3}
@@ -82,7 +83,8 @@ class FirstOrderTrainer:
             if method == "sft":
                 loss = self._backward(loss_fns)
             elif method == "rwp":
-                noise = WeightNoise(self.settings.rwp_sigma, "relative", seed=self.seed * 1_000_003 + step)
+                # The training noise stream: never a draw that analysis or evaluation uses.
+                noise = WeightNoise(self.settings.rwp_sigma, "relative", seed=stream_seed("train", self.seed * 1_000_003 + step))
                 with threatened(self.model, noise, self.params):
                     loss = self._backward(loss_fns)
             else:
