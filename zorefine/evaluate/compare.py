@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from zorefine.evaluate.document import Bullets, Document, Heading, Image, Paragraph, Table
 from zorefine.errors import ZorefineError
 from zorefine.models.loading import write_json_atomic
+from zorefine.evaluate.compare_paired import paired_blocks, paired_records
 from zorefine.evaluate.compare_plots import plot_gain_vs_forwards, plot_refusal_curves
 from zorefine.evaluate.compare_runs import Entry, refusal_area, find_runs, load_entries
 from zorefine.evaluate.report import format_interval
@@ -155,11 +156,13 @@ def compare(paths: Sequence[Path], out_dir: Path | None = None, pool: str | None
             f"Runs that differ only in {pool}, one row per setting: mean and 95% interval over the runs "
             "(the refinement's own randomness), each run itself averaged over noise seeds."
         ), Table(pooled_header, pooled_table))
+    paired = paired_records(entries, pool)
+    doc.add(*paired_blocks(paired))
     doc.add(Heading("Gain against cost"), Image(gain_plot, "gain in refusal area against forward passes, per method"))
     doc.add(Heading("Refusal curves"), Image(curves_plot, "refusal rate against σ per model"))
     markdown_path, html_path = doc.write(out_dir, "comparison")
     json_path = out_dir / "comparison.json"
-    write_json_atomic(json_path, {"runs": [str(r) for r in run_dirs], "rows": records, "pooled": pooled})
+    write_json_atomic(json_path, {"runs": [str(r) for r in run_dirs], "rows": records, "pooled": pooled, "paired": paired})
     return {"markdown": markdown_path, "html": html_path, "json": json_path, "gain_plot": gain_plot, "curves_plot": curves_plot}
 
 

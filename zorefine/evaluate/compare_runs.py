@@ -26,6 +26,7 @@ class Entry:
     overrides: list[str] = field(default_factory=list)
     before_area: float | None = None  # the area of the model this one was refined from
     seconds: float | None = None  # wall time of the refine stage
+    before: dict[str, Any] | None = None  # the evaluation of the model this one was refined from
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:
@@ -84,7 +85,7 @@ def load_entries(run_dirs: Sequence[Path]) -> list[Entry]:
                 label, method, run_dir, int(refine_summary.get("forward_passes", 0)), int(refine_summary.get("steps", 0)),
                 list(refine_summary.get("layers", [])), models["after"], overrides,
                 before_area=refusal_area(before)["mean"] if before is not None else None,
-                seconds=refine_summary.get("seconds"),
+                seconds=refine_summary.get("seconds"), before=before,
             ))
     if not entries and not befores:
         raise DataError("no evaluated models in the given runs")

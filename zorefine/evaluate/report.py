@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from zorefine.evaluate.paired import format_paired
 from zorefine.evaluate.robustness import noise_curve
 from zorefine.evaluate.document import Bullets, Details, Document, Heading, Image, Paragraph, Table
 
@@ -71,7 +72,19 @@ def _model_findings(result: Mapping[str, Any]) -> Bullets:
     ])
 
 
-def report_document(models: Mapping[str, Mapping[str, Any]], header: Mapping[str, Any], plot: Path | None = None) -> Document:
+def paired_table(paired: Mapping[str, Mapping[str, Any]]) -> Table:
+    """After − before per condition and outcome, paired on prompts and noise draws, with the verdict."""
+    outcomes = [o for o in ("attack_success", "overrefusal", "benign_refusal") if paired.get(o)]
+    groups = list(dict.fromkeys(g for o in outcomes for g in paired[o]))
+    names = {"attack_success": "Δ attack success ↓", "overrefusal": "Δ over-refusal ↓", "benign_refusal": "Δ benign refusal ↓"}
+    rows = [[group, *(format_paired(paired[o].get(group)) for o in outcomes)] for group in groups]
+    return Table(["condition", *(names[o] for o in outcomes)], rows)
+
+
+def report_document(
+    models: Mapping[str, Mapping[str, Any]], header: Mapping[str, Any], plot: Path | None = None,
+    paired: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Document:
     """The evaluation report of one run (one or two evaluated models)."""
     doc = Document("zorefine report")
     doc.add(Bullets([f"**{key}**: {value}" for key, value in header.items()]))
@@ -83,6 +96,12 @@ def report_document(models: Mapping[str, Mapping[str, Any]], header: Mapping[str
         doc.add(Image(plot, "refusal (solid) and benign answers (dashed) against weight noise σ"))
     if len(models) > 1:
         doc.add(Heading("Before vs after refinement"), before_after_table(models))
+    if paired and any(paired.values()):
+        doc.add(Heading("Paired differences, after − before"), Paragraph(
+            "Per prompt, the after model's outcome minus the before model's on the same prompt under the same noise "
+            "draw; mean and 95% hierarchical-bootstrap interval over noise draws and prompts. 'better' or 'worse' only "
+            "where the interval excludes zero; otherwise 'no significant change'."
+        ), paired_table(paired))
     for name, result in models.items():
         doc.add(Heading(f"{name}: `{result['checkpoint']}`"), _model_findings(result), condition_table(result["summary"]))
         samples = result.get("samples", {})
@@ -91,11 +110,14 @@ def report_document(models: Mapping[str, Mapping[str, Any]], header: Mapping[str
     return doc
 
 
-def write_report(run_dir: Path, models: Mapping[str, Mapping[str, Any]], header: Mapping[str, Any]) -> tuple[Path, Path]:
+def write_report(
+    run_dir: Path, models: Mapping[str, Mapping[str, Any]], header: Mapping[str, Any],
+    paired: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[Path, Path]:
     """Plot the robustness curves and write ``report.md`` and the self-contained ``report.html``."""
     plot = run_dir / "robustness.png"
     plot_robustness(plot, models)
-    return report_document(models, header, plot).write(run_dir, "report")
+    return report_document(models, header, plot, paired).write(run_dir, "report")
 
 
 def plot_robustness(path: Path, models: Mapping[str, Mapping[str, Any]]) -> None:

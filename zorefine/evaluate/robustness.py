@@ -56,6 +56,9 @@ class ConditionResult:
     safety_loss: float
     utility_loss: float
     samples: dict[str, list[str]] = field(default_factory=dict)
+    # Per prompt, in set order: 1 where the outcome happened (the harmful prompt was answered, the
+    # safe one refused). Two models measured on the same prompts and noise draws pair up on these.
+    outcomes: dict[str, list[int]] = field(default_factory=dict)
 
 
 def threat_grid(sigmas: Sequence[float], seeds: int, quantization: Sequence[str], stream: str = "test") -> list[Condition]:
@@ -129,6 +132,11 @@ def measure(
         samples={
             "harmful": [f"{p!r} -> {r!r}" for p, r in zip(harmful_prompts[:keep_samples], harmful_out)],
             "benign": [f"{p!r} -> {r!r}" for p, r in zip(benign_prompts[:keep_samples], benign_out)],
+        },
+        outcomes={
+            "attack_success": [int(v == Verdict.COMPLIANCE) for v in harmful_v],
+            "benign_refusal": [int(v == Verdict.REFUSAL) for v in benign_v],
+            "overrefusal": [int(v == Verdict.REFUSAL) for v in over_v],
         },
     )
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import zorefine
 from omegaconf import OmegaConf
 
 from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, file_digest
@@ -18,6 +20,7 @@ from zorefine.data import builtin_path
 from zorefine.judge import build_judge
 from zorefine.models.loading import write_json_atomic
 from zorefine.run import METRICS_FILE, Run
+from zorefine.evaluate.paired import OUTCOMES, paired_differences
 from zorefine.evaluate.report import write_report
 from zorefine.evaluate.robustness import (
     EvalSets,
@@ -36,6 +39,9 @@ from zorefine.evaluate.robustness import (
 from zorefine.zo.trajectory import environment
 
 log = logging.getLogger(__name__)
+
+# Bumped whenever an evaluation measures or stores something new: older cache entries are not reused.
+EVALUATION_FORMAT = 2
 
 # A loss counts as broken once it has risen by ln 2 nats: the reference text's perplexity doubled.
 LOSS_BREAK_RISE = math.log(2)
@@ -71,6 +77,9 @@ def evaluation_key(run: Run, checkpoint: Path) -> str:
     configured = run.cfg.data.overrefusal_file
     overrefusal = "" if configured == "" else file_digest(configured or builtin_path("xstest_safe"))
     return content_key({
+        # What is measured and stored changes with the code (e.g. per-prompt outcomes, noise streams).
+        "zorefine": zorefine.__version__,
+        "format": EVALUATION_FORMAT,
         "checkpoint": checkpoint_fingerprint(checkpoint),
         "evaluate": cfg,
         "data": file_digest(run.safety_file),
@@ -153,8 +162,12 @@ def run(run: Run) -> dict[str, Any]:
             name, clean["harmful_refusal_rate"]["mean"], clean["benign_refusal_rate"]["mean"],
             result["breaks"]["refusal_sigma"], result["breaks"]["benign_sigma"],
         )
+    paired = {}
+    if "before" in models and "after" in models:
+        paired = {o: paired_differences([models["after"]], [models["before"]], o) for o in OUTCOMES}
     metrics = {
         "models": models,
+        "paired_after_minus_before": paired,
         "num_prompts": {
             "clean": {"harmful": len(clean_sets.harmful), "benign": len(clean_sets.benign), "overrefusal": len(clean_sets.overrefusal)},
             "threats": {"harmful": len(sets.harmful), "benign": len(sets.benign), "overrefusal": len(sets.overrefusal)},
@@ -182,7 +195,7 @@ def run(run: Run) -> dict[str, Any]:
             header["refinement"] += f"; DIVERGED at step {diverged['step']} ({diverged['reason']}): stopped, weights after {diverged['kept_steps']} steps kept"
     report_path, html_path = run.run_dir / "report.md", run.run_dir / "report.html"
     if run.processes.is_main:
-        report_path, html_path = write_report(run.run_dir, models, header)
+        report_path, html_path = write_report(run.run_dir, models, header, paired)
     return {
         "metrics": str(metrics_path),
         "report": str(report_path),
