@@ -83,7 +83,13 @@ def test_compare_writes_one_table_with_the_unrefined_baseline_and_every_run(two_
     rows = json.loads(written["json"].read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "zo", "sft"]
     none, zo, sft = rows
-    assert none["forward_passes"] == 0 and zo["forward_passes"] == 6 and sft["forward_passes"] == 6
+    # Every pass spent: 3 ZO steps (6) and SFT's equal budget, decoding, and for ZO the analysis it ranked by.
+    zo_refine, sft_refine = (json.loads((two_runs / d / "refine.json").read_text()) for d in ("0", "1"))
+    analysis = json.loads((two_runs / "0" / "sensitivity.json").read_text())["cost"]["forward_passes"]
+    assert zo_refine["analysis_forward_passes"] == analysis > 0 and sft_refine["analysis_forward_passes"] == 0
+    assert none["forward_passes"] == 0
+    assert zo["forward_passes"] == 6 + analysis + zo_refine["target_decode_calls"]
+    assert sft["forward_passes"] == 6 + sft_refine["target_decode_calls"]
     for row in (zo, sft):
         assert math.isclose(row["gain"], row["refusal_area"]["mean"] - none["refusal_area"]["mean"])
         assert row["refusal_area"]["n"] == 2

@@ -83,3 +83,12 @@ def test_validate_rejects_bad_values(override, message):
 
 def test_refine_alone_is_fine_with_explicit_layers():
     validate(_compose(["stages=[refine]", "refine.layers=[0,1]"]))
+
+
+def test_validation_studies_measure_with_the_test_protocol(tmp_path):
+    (tmp_path / "selection.json").write_text("{}")
+    study = _compose(["+experiment=study_val", "model.path=/somewhere", f"refine.selection_file={tmp_path / 'selection.json'}"])
+    default = _compose([])
+    keys = [k for k in default.evaluate if k != "cache_dir"]  # the study's cache lives in its sweep dir
+    differ = {k for k in keys if study.evaluate[k] != default.evaluate[k]}
+    assert differ == {"split"} and study.evaluate.split == "val"

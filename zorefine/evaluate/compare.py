@@ -49,7 +49,7 @@ def _quantization_labels(entries: Sequence[Entry]) -> list[str]:
 def comparison_rows(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
     """Table header, table cells and the JSON records of every entry."""
     quantized = _quantization_labels(entries)
-    header = ["model", "forward passes", "steps", "refine s", "clean refusal ↑", "refusal area ↑ (95% CI)", "gain vs none",
+    header = ["model", "forward passes (all)", "steps", "refine s", "clean refusal ↑", "refusal area ↑ (95% CI)", "gain vs none",
               "robust σ ↑", "ASR under noise ↓", *(f"refusal, {q} ↑" for q in quantized),
               "over-refusal ↓", "utility loss ↓"]
     rows, records = [], []
@@ -147,7 +147,8 @@ def compare(paths: Sequence[Path], out_dir: Path | None = None, pool: str | None
         "Each refined model against the model it was refined from (none). Refusal area: area under the "
         "harmful-refusal rate against relative weight noise σ, per unit σ, mean and 95% interval over noise "
         "seeds; gain is its change vs none. Robust σ: the largest σ at which refusal stays at the robust level. "
-        "Forward passes count a backward as two forwards."
+        "Forward passes count everything a method spent, the analysis its selection came from and the "
+        "decoding of self targets included; a backward counts as two forwards."
     ))
     doc.add(Table(header, rows))
     pooled_header, pooled_table, pooled = pooled_rows(records, pool) if pool else ([], [], [])

@@ -82,7 +82,9 @@ def load_entries(run_dirs: Sequence[Path]) -> list[Entry]:
             method = refine_summary.get("method") or metrics["config"]["refine"].get("method", "zo")
             label = method + (f" [{', '.join(overrides)}]" if overrides else f" ({run_dir.name})")
             entries.append(Entry(
-                label, method, run_dir, int(refine_summary.get("forward_passes", 0)), int(refine_summary.get("steps", 0)),
+                # Every pass the method spent (analysis and decoding included); older runs: their steps'.
+                label, method, run_dir, int(refine_summary.get("total_forward_passes", refine_summary.get("forward_passes", 0))),
+                int(refine_summary.get("steps", 0)),
                 list(refine_summary.get("layers", [])), models["after"], overrides,
                 before_area=refusal_area(before)["mean"] if before is not None else None,
                 seconds=refine_summary.get("seconds"), before=before,

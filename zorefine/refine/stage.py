@@ -9,7 +9,7 @@ from typing import Any
 from zorefine.distributed.partitions import gathered, partition_model
 from zorefine.errors import ConfigError
 from zorefine.refine.batches import refinement_pairs
-from zorefine.refine.budget import step_cost
+from zorefine.refine.budget import analysis_forward_passes, step_cost
 from zorefine.refine.first_order import FIRST_ORDER_METHODS
 from zorefine.refine.first_order_loop import refine_first_order
 from zorefine.refine.zeroth_order import refine_zeroth_order
@@ -51,13 +51,18 @@ def run(run: Run) -> dict[str, Any]:
     info = {"stage": "refine", "method": method, "base": str(checkpoint), "layers": summary["layers"]}
     with gathered(model):
         run.save_checkpoint(model, tokenizer, out_dir, info)
+    forward_passes = step_cost(run.cfg.refine) * summary["steps"]
+    analysis = analysis_forward_passes(run)
     return {
         "method": method,
         "checkpoint": str(out_dir),
         "base": str(checkpoint),
         **summary,
-        "forward_passes": step_cost(run.cfg.refine) * summary["steps"],
+        "forward_passes": forward_passes,
         # Self targets cost greedy decoding once, before the first step (batched decode calls).
         "target_decode_calls": pairs.generation_forward_passes,
+        # Everything this method spent: its steps, the analysis its selection came from, the decoding.
+        "analysis_forward_passes": analysis,
+        "total_forward_passes": forward_passes + analysis + pairs.generation_forward_passes,
         "seconds": round(time.perf_counter() - started, 1),
     }
