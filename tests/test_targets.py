@@ -28,15 +28,15 @@ def test_self_targets_are_the_start_models_greedy_responses(micro_checkpoint, tm
     model, tokenizer = run.load_model(micro_checkpoint)
     harmful, benign = _reference(run)
     pairs = training_pairs(model, tokenizer, harmful, benign, mode, max_new_tokens=5, batch_size=3)
-    assert [p for p, _ in pairs.benign] == [p for p, _ in benign]
+    assert [pair[0] for pair in pairs.benign] == [p for p, _ in benign]
     own = generate_responses(model, tokenizer, [p for p, _ in benign], max_new_tokens=5)
-    assert [r for _, r in pairs.benign] == own
+    assert [pair[1] for pair in pairs.benign] == own
     # The data's benign answers are real text; a random micro model's greedy babble is not them.
-    assert [r for _, r in pairs.benign] != [r for _, r in benign]
+    assert [pair[1] for pair in pairs.benign] != [r for _, r in benign]
     if mode == "self_benign":
         assert pairs.harmful == harmful
     else:
-        assert [r for _, r in pairs.harmful] == generate_responses(model, tokenizer, [p for p, _ in harmful], max_new_tokens=5)
+        assert [pair[1] for pair in pairs.harmful] == generate_responses(model, tokenizer, [p for p, _ in harmful], max_new_tokens=5)
     # Decoding is counted: one call per token per batch of 3 prompts.
     decoded = len(benign) + (len(harmful) if mode == "self" else 0)
     assert pairs.generation_forward_passes >= 5 * -(-decoded // 3) - 5
@@ -77,3 +77,17 @@ def test_unknown_targets_fail_before_any_work(micro_checkpoint):
         validate(make_cfg(micro_checkpoint, **{"refine.targets": "mine"}))
     with pytest.raises(ConfigError, match="target_tokens"):
         validate(make_cfg(micro_checkpoint, **{"refine.target_tokens": 0}))
+
+
+def test_a_self_target_cut_at_its_token_limit_is_not_taught_to_end(micro_checkpoint, tmp_path):
+    from zorefine.models.objectives import encode_batch
+
+    run = Run(make_cfg(micro_checkpoint), tmp_path)
+    model, tokenizer = run.load_model(micro_checkpoint)
+    harmful, benign = _reference(run)
+    pairs = training_pairs(model, tokenizer, harmful, benign, "self_benign", max_new_tokens=3, batch_size=4)
+    cut = [pair for pair in pairs.benign if len(pair) == 3]
+    assert cut and all(pair[2] is False for pair in cut)  # a random micro model never stops within 3 tokens
+    open_ended, closed = encode_batch(tokenizer, cut[:1], 96), encode_batch(tokenizer, [cut[0][:2]], 96)
+    assert tokenizer.eos_token_id not in open_ended["labels"][0].tolist()
+    assert tokenizer.eos_token_id in closed["labels"][0].tolist()

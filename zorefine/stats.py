@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def mean_interval(values: Sequence[float]) -> dict[str, float]:
@@ -48,7 +48,7 @@ def spearman(first: dict[str, float], second: dict[str, float]) -> float:
 
 
 def hierarchical_bootstrap(
-    differences: "np.ndarray", resamples: int = 2000, level: float = 0.95, seed: int = 0
+    differences: Any, resamples: int = 2000, level: float = 0.95, seed: int = 0
 ) -> dict[str, float]:
     """Mean of paired differences and its bootstrap interval, resampling every level of nesting.
 

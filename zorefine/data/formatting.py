@@ -32,8 +32,12 @@ def encode_example(
     response: str,
     max_length: int,
     train_on_prompt: bool = False,
+    ends: bool = True,
 ) -> dict[str, list[int]]:
     """Token ids and labels for one example; the loss sees only the response by default.
+
+    ``ends=False``: the response was cut (e.g. a greedy target at its token limit), so no end
+    of sequence follows it.
 
     Prompt and response are tokenized apart and concatenated so that the boundary never
     merges into one token, which would blur which tokens belong to the response. Long
@@ -41,7 +45,7 @@ def encode_example(
     """
     prompt_ids = _ids(tokenizer, format_prompt(tokenizer, prompt))
     response_ids = _ids(tokenizer, response)
-    if tokenizer.eos_token_id is not None:
+    if ends and tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
     response_ids = response_ids[: max(1, max_length // 2)] if len(prompt_ids) + len(response_ids) > max_length else response_ids
     prompt_ids = prompt_ids[-(max_length - len(response_ids)) :]

@@ -7,8 +7,8 @@ Usage::
 Each FILE is an XSTest v2 labeled-completions CSV (columns ``prompt``, ``completion``,
 ``final_label`` among others; ``final_label`` is ``1_full_compliance``, ``2_full_refusal``
 or ``3_partial_refusal``). Without arguments the two files in
-``$ZOREFINE_XSTEST_COMPLETIONS_DIR`` (default ``/work/shared/data/xstest_completions``) are
-read. For each file it prints the agreement, the confusion counts, and finally one JSON line
+``$ZOREFINE_XSTEST_COMPLETIONS_DIR`` (default: ``shared/data/xstest_completions`` beside the
+repository checkout) are read. For each file it prints the agreement, the confusion counts, and finally one JSON line
 ``{"<file name>": agreement, ...}``. A missing or malformed file is one error line and exit
 code 2.
 
@@ -31,9 +31,9 @@ from zorefine.errors import DataError
 from zorefine.judge.keyword import judge_response
 from zorefine.judge.verdict import Verdict
 
-DEFAULT_DIR = Path(
-    os.environ.get("ZOREFINE_XSTEST_COMPLETIONS_DIR", "/work/shared/data/xstest_completions")
-)
+# The labeled files are kept beside the checkout (never shipped in the package): ../shared/data.
+_BESIDE_CHECKOUT = Path(__file__).resolve().parents[3] / "shared" / "data" / "xstest_completions"
+DEFAULT_DIR = Path(os.environ.get("ZOREFINE_XSTEST_COMPLETIONS_DIR", str(_BESIDE_CHECKOUT)))
 DEFAULT_FILES: tuple[Path, ...] = (
     DEFAULT_DIR / "xstest_v2_completions_gpt4_labeled.csv",
     DEFAULT_DIR / "xstest_v2_completions_llama2orig_labeled.csv",

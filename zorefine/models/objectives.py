@@ -55,11 +55,13 @@ def response_nll_terms(
 
 def encode_batch(
     tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[tuple[str, str] | tuple[str, str, bool]],
     max_length: int,
 ) -> dict[str, torch.Tensor]:
-    """Encode (prompt, response) pairs into one right-padded, response-labelled batch."""
-    features = [encode_example(tokenizer, prompt, response, max_length) for prompt, response in pairs]
+    """Encode (prompt, response) pairs into one right-padded, response-labelled batch.
+
+    A third element ``False`` marks a response that was cut: no end of sequence is appended."""
+    features = [encode_example(tokenizer, pair[0], pair[1], max_length, ends=pair[2] if len(pair) > 2 else True) for pair in pairs]
     return collate(features, tokenizer.pad_token_id)
 
 

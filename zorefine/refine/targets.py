@@ -14,7 +14,7 @@ from typing import Sequence
 
 from zorefine import distributed
 from zorefine.config.refine import TARGET_MODES
-from zorefine.models.generation import generate_responses
+from zorefine.models.generation import generate_with_ends
 
 
 Pair = tuple[str, str]
@@ -32,15 +32,21 @@ class TrainingPairs:
 
 def _own_responses(model, tokenizer, pairs: Sequence[Pair], max_new_tokens: int, batch_size: int) -> tuple[list[Pair], int]:
     """The model's greedy response to each prompt, shared by every process, and the decode
-    calls spent (one per token per batch)."""
+    calls spent (one per token per batch).
+
+    A response cut at ``max_new_tokens`` comes back as ``(prompt, response, False)``: the
+    objective then scores its tokens without an end of sequence after them, so refinement never
+    teaches the model to stop mid-answer."""
     prompts = [prompt for prompt, _ in pairs]
     # Each process decodes its share; gathering in prompt order gives every process the same list.
     chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     answered = distributed.current().map_sharded(
-        chunks, lambda chunk: generate_responses(model, tokenizer, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        chunks, lambda chunk: generate_with_ends(model, tokenizer, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
     )
-    responses = [response for chunk in answered for response in chunk]
-    return list(zip(prompts, responses)), len(chunks) * max_new_tokens
+    responses = [response for chunk_responses, _ in answered for response in chunk_responses]
+    ended = [end for _, chunk_ends in answered for end in chunk_ends]
+    own = [(prompt, response) if end else (prompt, response, False) for prompt, response, end in zip(prompts, responses, ended)]
+    return own, len(chunks) * max_new_tokens
 
 
 def training_pairs(
