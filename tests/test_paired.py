@@ -61,3 +61,27 @@ def test_the_evaluate_stage_and_compare_print_paired_differences(two_runs, tmp_p
     assert "Paired: each setting − no refinement" in markdown and "Paired: each setting − zo" in markdown
     records = json.loads(written["json"].read_text())["paired"]
     assert records["reference"].startswith("zo") and len(records["vs_none"]) == 2 and len(records["vs_reference"]) == 1
+
+
+def test_a_model_judge_is_selected_from_the_config(micro_checkpoint, tmp_path):
+    from tests.conftest import make_cfg
+    from zorefine.evaluate import stage as evaluate
+    from zorefine.judge.model import ModelJudge
+    from zorefine.run import Run
+
+    seen = []
+    real_call = ModelJudge.__call__
+
+    def recording(self, prompts, responses):
+        seen.append(len(prompts))
+        return real_call(self, prompts, responses)
+
+    import pytest
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ModelJudge, "__call__", recording)
+        cfg = make_cfg(micro_checkpoint, stages="[evaluate]", **{"evaluate.judge": "model", "evaluate.judge_path": str(micro_checkpoint)})
+        evaluate.run(Run(cfg, tmp_path))
+    assert seen  # every verdict of the evaluation came from the judge model
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["evaluate"]["judge"] == "model"

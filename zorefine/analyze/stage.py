@@ -11,7 +11,7 @@ from zorefine.analyze.heatmap import plot_heatmap
 from zorefine.analyze.ranking import as_rows, rank_units, unit_scores
 from zorefine.analyze.sensitivity import Analysis, Probe, ThreatFamily, unit_sensitivity
 from zorefine.config.validate import analyze_needed
-from zorefine.judge import build_judge
+from zorefine.judge.registry import configured_judge
 from zorefine.models.loading import write_json_atomic
 from zorefine.models.selection import Selection, SelectionPolicy, select_units
 from zorefine.models.units import Unit, discover_units
@@ -40,7 +40,7 @@ def probe_for(run: Run) -> Probe:
 def measure_units(run: Run, model, tokenizer, units: list[Unit], probe: Probe, seeds: list[int]) -> Analysis:
     """Every unit's fragility under every configured threat (and its ZO curvature), over ``seeds``."""
     cfg = run.cfg.analyze
-    judge = build_judge(run.cfg.evaluate.judge) if cfg.measure_refusal else None
+    judge = configured_judge(run.cfg.evaluate.judge, run.cfg.evaluate.judge_path) if cfg.measure_refusal else None
     families = [ThreatFamily(spec) for spec in cfg.threats]
     analysis = unit_sensitivity(model, tokenizer, units, families, seeds, probe, judge, antithetic=cfg.antithetic)
     if cfg.curvature:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 from omegaconf import DictConfig
@@ -26,7 +27,10 @@ class EvaluateConfig:
     sigmas: List[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0])
     seeds: int = 3
     quantization: List[str] = field(default_factory=lambda: ["rtn:int8", "rtn:int4"])
+    # "keyword" (the built-in refusal judge) or "model": a local Hugging Face causal LM or
+    # sequence classifier at judge_path that answers whether a response refuses.
     judge: str = "keyword"
+    judge_path: Optional[str] = None
     # Refusal counts as broken below this fraction of its clean value (same for benign answers).
     break_fraction: float = 0.5
     # A directory where evaluations are kept by a hash of the checkpoint and everything else they
@@ -49,4 +53,8 @@ def check_evaluate(cfg: DictConfig) -> None:
     require(cfg.split in ("test", "val"), f"evaluate.split must be 'test' or 'val', got {cfg.split!r}")
     for spec in cfg.quantization:
         parse_threat(spec)  # a bad spec fails before any stage runs, not after align and analyze
-    build_judge(cfg.judge)  # an unknown judge, or one that needs options the config lacks, fails now
+    if str(cfg.judge).strip().lower() == "model":
+        require(cfg.judge_path is not None, "evaluate.judge=model needs evaluate.judge_path=DIR (a local judge model)")
+        require(Path(cfg.judge_path).expanduser().is_dir(), f"evaluate.judge_path: no such directory {cfg.judge_path}")
+    else:
+        build_judge(cfg.judge)  # an unknown judge fails now, not after align and analyze

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, file_digest
 
 from zorefine.data import builtin_path
-from zorefine.judge import build_judge
+from zorefine.judge.registry import configured_judge
 from zorefine.models.loading import write_json_atomic
 from zorefine.run import METRICS_FILE, Run
 from zorefine.evaluate.paired import OUTCOMES, paired_differences
@@ -82,6 +82,8 @@ def evaluation_key(run: Run, checkpoint: Path) -> str:
         "format": EVALUATION_FORMAT,
         "checkpoint": checkpoint_fingerprint(checkpoint),
         "evaluate": cfg,
+        # A judge model's files, not just its path: a retrained judge in the same folder re-evaluates.
+        "judge_files": checkpoint_fingerprint(run.cfg.evaluate.judge_path) if run.cfg.evaluate.judge_path else None,
         "data": file_digest(run.safety_file),
         "overrefusal": overrefusal,
         "seed": run.cfg.seed,
@@ -114,7 +116,7 @@ def _evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets:
     # Validation and test draw from their own noise streams: nothing tuned on val saw a test draw.
     grid = threat_grid(cfg.sigmas, cfg.seeds, cfg.quantization, stream=cfg.split)
     results = evaluate_grid(
-        model, tokenizer, sets, build_judge(cfg.judge), grid, cfg.max_new_tokens, cfg.batch_size,
+        model, tokenizer, sets, configured_judge(cfg.judge, cfg.judge_path), grid, cfg.max_new_tokens, cfg.batch_size,
         run.cfg.data.max_length, desc=f"evaluate {name}", clean_sets=clean_sets,
     )
     summary = summarize(results)

@@ -9,10 +9,15 @@ from zorefine.judge.keyword import KeywordJudge
 from zorefine.judge.model import ModelJudge
 from zorefine.judge.verdict import RefusalJudge
 
-__all__ = ["build_judge", "JUDGE_NAMES"]
+__all__ = ["build_judge", "configured_judge", "JUDGE_NAMES"]
 
 
 JUDGE_NAMES: tuple[str, ...] = ("keyword", "model")
+
+
+def configured_judge(judge: str, judge_path: str | None = None) -> RefusalJudge:
+    """The judge an ``evaluate`` config names: ``keyword``, or ``model`` loaded from ``judge_path``."""
+    return build_judge(judge, path=judge_path) if str(judge).strip().lower() == "model" else build_judge(judge)
 
 
 def build_judge(name: str = "keyword", **kwargs: Any) -> RefusalJudge:
