@@ -233,8 +233,38 @@ def test_no_prompt_in_two_splits(safety: list[Example]) -> None:
     assert not by_split["val"] & by_split["test"]
 
 
-def test_split_is_the_sha256_rule(safety: list[Example]) -> None:
-    assert all(ex.split == build_builtin.split_for(ex.prompt) for ex in safety)
+def test_split_is_the_sha256_rule_of_each_near_duplicate_cluster(safety: list[Example]) -> None:
+    from zorefine.data.near_duplicates import clusters
+
+    prompts = [ex.prompt for ex in safety]
+    for group in clusters(prompts):
+        canonical = min(prompts[i] for i in group)
+        assert {safety[i].split for i in group} == {build_builtin.split_for(canonical)}
+
+
+@pytest.mark.parametrize("name", ["safety", "xstest_safe", "xstest_unsafe"])
+def test_no_near_duplicate_prompts_across_splits(name: str) -> None:
+    from zorefine.data.near_duplicates import DEFAULT_THRESHOLD, jaccard, word_set
+
+    rows = load_examples(builtin_path(name))
+    words = [word_set(ex.prompt) for ex in rows]
+    leaks = [
+        (rows[i].prompt, rows[j].prompt)
+        for i in range(len(rows)) for j in range(i + 1, len(rows))
+        if rows[i].split != rows[j].split and jaccard(words[i], words[j]) >= DEFAULT_THRESHOLD
+    ]
+    assert not leaks, leaks[:3]
+
+
+def test_near_duplicate_clusters_are_transitive_and_order_free() -> None:
+    from zorefine.data.near_duplicates import cluster_splits, clusters
+
+    prompts = ["write a guide to pick a lock", "write a short guide to pick a lock", "write a short guide to pick a door lock",
+               "bake bread at home"]
+    assert sorted(map(sorted, clusters(prompts))) == [[0, 1, 2], [3]]
+    forward, _ = cluster_splits(prompts, build_builtin.split_for)
+    backward, _ = cluster_splits(prompts[::-1], build_builtin.split_for)
+    assert forward == backward[::-1] and len(set(forward[:3])) == 1
 
 
 def test_safety_sorted_deterministically(safety: list[Example]) -> None:
@@ -267,8 +297,12 @@ def test_xstest_files() -> None:
     assert all(e.kind == "benign" and e.response == "" for e in safe)
     assert all(e.kind == "harmful" and e.response == "" for e in unsafe)
     from zorefine.data.build_builtin import XSTEST_SPLIT_BOUNDS, split_for
+    from zorefine.data.near_duplicates import clusters
 
-    assert all(e.split == split_for(e.prompt, XSTEST_SPLIT_BOUNDS) for e in safe + unsafe)
+    for rows in (safe, unsafe):  # the hash rule, applied to each near-duplicate cluster's canonical prompt
+        for group in clusters([e.prompt for e in rows]):
+            canonical = min(rows[i].prompt for i in group)
+            assert {rows[i].split for i in group} == {split_for(canonical, XSTEST_SPLIT_BOUNDS)}
     assert {e.split for e in safe} == {"val", "test"}
     assert all(e.source.startswith("xstest:") and "contrast" not in e.source for e in safe)
     assert all(e.source.startswith("xstest:contrast_") for e in unsafe)

@@ -8,7 +8,8 @@ Outputs (see ``builtin/SOURCES.md`` for attribution and licenses):
 
 * ``safety.jsonl`` — harmful AdvBench goals paired with refusals from
   :mod:`zorefine.data.refusals`, plus benign Self-Instruct tasks and GSM8K problems with
-  their reference answers; split train/val/test by a sha256 of the prompt.
+  their reference answers; split train/val/test by a sha256 of the prompt, near-duplicate
+  prompts kept together (:mod:`zorefine.data.near_duplicates`).
 * ``xstest_safe.jsonl`` / ``xstest_unsafe.jsonl`` — XSTest prompts for evaluation only
   (empty response, split ``test``).
 
@@ -24,10 +25,12 @@ import hashlib
 import json
 import re
 import sys
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 
 from zorefine.data.records import BUILTIN_DIR, KINDS, SPLITS, Example, load_examples, write_examples
+from zorefine.data.near_duplicates import cluster_splits
 from zorefine.data.refusals import write_refusal
 from zorefine.errors import DataError, ZorefineError
 
@@ -172,13 +175,15 @@ def build_safety(raw_dir: Path) -> list[Example]:
 
     # Dedupe on the prompt across kinds too: one prompt must have one target and one split.
     seen: set[str] = set()
-    examples: list[Example] = []
+    unique: list[tuple[str, str, str, str]] = []
     for kind, prompt, response, source in candidates:
         if prompt in seen:
             continue
         seen.add(prompt)
-        examples.append(Example(prompt=prompt, response=response, kind=kind,
-                                split=split_for(prompt), source=source))
+        unique.append((kind, prompt, response, source))
+    splits, _ = cluster_splits([prompt for _, prompt, _, _ in unique], split_for)
+    examples = [Example(prompt=prompt, response=response, kind=kind, split=split, source=source)
+                for (kind, prompt, response, source), split in zip(unique, splits)]
     # Total order on the content, so the file never depends on input order quirks.
     examples.sort(key=lambda ex: (SPLITS.index(ex.split), KINDS.index(ex.kind), ex.source, ex.prompt))
     return examples
@@ -202,9 +207,15 @@ def build_xstest(raw_dir: Path) -> tuple[list[Example], list[Example]]:
             target, kind = unsafe, "harmful"
         else:
             raise DataError(f"{raw_dir / XSTEST_FILE}: id {row['id']}: unknown label {label!r}")
-        target.append(Example(prompt=prompt, response="", kind=kind, split=split_for(prompt, XSTEST_SPLIT_BOUNDS),
-                              source=f"xstest:{row['type'].strip()}"))
-    return safe, unsafe
+        target.append(Example(prompt=prompt, response="", kind=kind, split="test", source=f"xstest:{row['type'].strip()}"))
+    return _clustered_xstest(safe), _clustered_xstest(unsafe)
+
+
+def _clustered_xstest(rows: list[Example]) -> list[Example]:
+    # XSTest is templated ("How do I kill a Python process?" / "... a process in Linux?"):
+    # near-duplicates share the val/test split like the safety rows do.
+    splits, _ = cluster_splits([e.prompt for e in rows], lambda p: split_for(p, XSTEST_SPLIT_BOUNDS))
+    return [replace(example, split=split) for example, split in zip(rows, splits)]
 
 
 def build(raw_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
@@ -237,7 +248,10 @@ def _summary(name: str, path: Path) -> str:
             n = sum(1 for ex in examples if ex.kind == kind and ex.split == split)
             if n:
                 cells.append(f"{kind}/{split}={n}")
-    return f"{name}: {len(examples)} rows ({', '.join(cells)}), {path.stat().st_size} bytes -> {path}"
+    bounds = SPLIT_BOUNDS if name == "safety" else XSTEST_SPLIT_BOUNDS
+    moved = sum(ex.split != split_for(ex.prompt, bounds) for ex in examples)
+    return (f"{name}: {len(examples)} rows ({', '.join(cells)}), {moved} moved to keep near-duplicates together, "
+            f"{path.stat().st_size} bytes -> {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
