@@ -85,3 +85,12 @@ def test_a_model_judge_is_selected_from_the_config(micro_checkpoint, tmp_path):
     assert seen  # every verdict of the evaluation came from the judge model
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["evaluate"]["judge"] == "model"
+
+
+def test_the_seeds_of_a_random_spec_pool_into_one_threat():
+    from zorefine.evaluate.paired import outcome_arrays
+
+    conditions = [{"label": f"anoise:0.4:seed={s}", "family": "quantization", "sigma": None, "seed": None,
+                   "outcomes": {"attack_success": [s % 2, 1, 0]}} for s in range(5)]
+    arrays = outcome_arrays({"conditions": conditions}, "attack_success")
+    assert list(arrays) == ["anoise:0.4"] and arrays["anoise:0.4"].shape == (5, 3)

@@ -26,27 +26,36 @@ def settings(entries: Sequence[Entry], pool: str | None) -> dict[str, list[Entry
     return groups
 
 
-def _label(name: str, members: list[Entry], pool: str | None) -> str:
-    return members[0].label if len(members) == 1 else f"{name} ({len(members)} × {pool})"
+def _labels(groups: dict[str, list[Entry]], pool: str | None) -> dict[str, str]:
+    """Short labels: the method and the overrides that tell settings apart, and the seeds pooled."""
+    overrides = {name: set(o for o in members[0].overrides if not (pool and o.startswith(pool + "="))) for name, members in groups.items()}
+    shared = set.intersection(*overrides.values()) if overrides else set()
+    labels = {}
+    for name, members in groups.items():
+        distinct = [o for o in members[0].overrides if o in overrides[name] - shared and not o.startswith("refine.method=")]
+        label = members[0].method + (f" [{', '.join(distinct)}]" if distinct else "")
+        labels[name] = label + (f" ({len(members)} × {pool})" if len(members) > 1 else "")
+    return labels
 
 
 def paired_records(entries: Sequence[Entry], pool: str | None) -> dict[str, Any]:
     """Paired differences of every setting vs none and vs the reference (the first ``zo`` setting)."""
     groups = settings(entries, pool)
+    labels = _labels(groups, pool)
     reference = next((name for name, members in groups.items() if members[0].method == "zo"), None)
-    records: dict[str, Any] = {"reference": reference, "vs_none": {}, "vs_reference": {}}
+    records: dict[str, Any] = {"reference": labels.get(reference), "vs_none": {}, "vs_reference": {}}
     for name, members in groups.items():
         befores = [m.before for m in members if m.before is not None]
         if len(befores) == len(members):
             records["vs_none"][name] = {
-                "label": _label(name, members, pool),
+                "label": labels[name],
                 "attack_success": paired_differences([m.result for m in members], befores, "attack_success"),
                 "overrefusal": paired_differences([m.result for m in members], befores, "overrefusal"),
             }
         if reference is not None and name != reference:
             ref = [m.result for m in groups[reference]]
             records["vs_reference"][name] = {
-                "label": _label(name, members, pool),
+                "label": labels[name],
                 "attack_success": paired_differences([m.result for m in members], ref, "attack_success"),
                 "overrefusal": paired_differences([m.result for m in members], ref, "overrefusal"),
             }

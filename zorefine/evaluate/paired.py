@@ -10,6 +10,7 @@ A difference is called better or worse only when that interval excludes zero.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -21,7 +22,11 @@ OUTCOMES = ("attack_success", "overrefusal", "benign_refusal")
 
 
 def _group(condition: Mapping[str, Any]) -> str:
-    return f"wnoise σ={condition['sigma']:g}" if condition["family"] == "weight_noise" else condition["label"]
+    """Conditions that are draws of one threat pool into one group: every seed of a noise level,
+    and the seeds of a random spec listed in the grid one by one (``anoise:0.4:seed=0``, ...)."""
+    if condition["family"] == "weight_noise":
+        return f"wnoise σ={condition['sigma']:g}"
+    return re.sub(r":seed=\d+", "", condition["label"])
 
 
 def outcome_arrays(result: Mapping[str, Any], outcome: str) -> dict[str, np.ndarray]:
