@@ -95,23 +95,11 @@ def identity_changes(recorded: Mapping[str, Any] | None, current: Mapping[str, A
             changes.append(f"{key}: {old_config.get(key, '<unset>')!r} -> {new_config.get(key, '<unset>')!r}")
     old_inputs, new_inputs = recorded.get("inputs", {}), current["inputs"]
     for key in sorted(set(old_inputs) | set(new_inputs)):
-        if _json_equal(old_inputs.get(key), new_inputs.get(key)) is False:
+        if old_inputs.get(key) != new_inputs.get(key):
             changes.append(f"input {key} changed")
     if recorded.get("zorefine") != current["zorefine"]:
         changes.append(f"zorefine {recorded.get('zorefine')} -> {current['zorefine']}")
     return changes
-
-
-def _json_equal(a: Any, b: Any) -> bool:
-    # A marker read back from JSON holds lists where the fresh identity holds tuples.
-    def normal(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [normal(v) for v in value]
-        if isinstance(value, Mapping):
-            return {k: normal(v) for k, v in value.items()}
-        return value
-
-    return normal(a) == normal(b)
 
 
 def missing_outputs(run: Run, stage: Stage, summary: Mapping[str, Any]) -> list[str]:

@@ -17,14 +17,17 @@ def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def checkpoint_fingerprint(directory: str | Path) -> list[tuple[str, int, int, int]]:
-    """``(name, size, mtime_ns, inode)`` of every file of a checkpoint directory.
+def checkpoint_fingerprint(directory: str | Path) -> list[list]:
+    """``[name, size, mtime_ns, inode]`` of every file of a checkpoint directory.
+
+    Lists, not tuples: a fingerprint read back from a JSON marker or log compares equal to a
+    fresh one as it is.
 
     Cheap for any model size. Hard links of one checkpoint (how the align cache shares one)
     have the same fingerprint; a copy or a rewrite gets a new one, so it is recomputed.
     """
     files = sorted(p for p in Path(directory).iterdir() if p.is_file())
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) for p in files]
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino] for p in files]
 
 
 def content_key(payload: Any) -> str:

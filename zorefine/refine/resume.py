@@ -32,11 +32,6 @@ def trajectory_settings(header: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def _as_lists(value: Any) -> Any:
-    # A header read back from JSON holds lists where a fresh one holds tuples.
-    return [list(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
 def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether a logged run can be continued: same start, parameters and settings but the step count."""
 
@@ -45,7 +40,7 @@ def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
 
     return (
         previous.get("base_checkpoint") == current["base_checkpoint"]
-        and _as_lists(previous.get("base_files")) == _as_lists(current.get("base_files"))
+        and previous.get("base_files") == current.get("base_files")
         and previous.get("parameters") == current["parameters"]
         and trajectory_settings(previous) == trajectory_settings(current)
         and version(previous) == version(current)
