@@ -14,9 +14,11 @@ from zorefine.models.layers import decoder_parameters, find_decoder_layers
 from zorefine.zo.directions import gaussian_direction, tensor_rms, tensor_seed
 from zorefine.threats import (
     ActivationNoise,
+    ActivationQuantization,
     BnbQuantization,
     RTNQuantization,
     Threat,
+    WeightActivationQuantization,
     WeightNoise,
     parse_threat,
     threatened,
@@ -46,6 +48,10 @@ ALL_THREATS: list[Threat] = [
     BnbQuantization("nf4"),
     BnbQuantization("fp4"),
     BnbQuantization("nf4", blocksize=128, double_quant=True),
+    ActivationQuantization(8),
+    ActivationQuantization(4, clip=99.0),
+    WeightActivationQuantization(8, 8),
+    WeightActivationQuantization(4, 4, group_size=16, clip=99.9),
 ]
 
 
@@ -71,7 +77,7 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in model.modules())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _weights(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from zorefine.config.validate import analyze_needed
 from zorefine.data import Example, builtin_path, load_examples, select
 from zorefine.errors import DataError
 from zorefine.models.checkpoint_dir import check_causal_lm_dir
-from zorefine.models.loading import load_causal_lm, remove_stale_staging, save_checkpoint, write_json_atomic
+from zorefine.models.loading import cache_root, load_causal_lm, remove_stale_staging, save_checkpoint, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,14 @@ class Run:
     # ---- checkpoints -------------------------------------------------------------
     @cached_property
     def start_checkpoint(self) -> Path:
-        """The model the run starts from: ``model.path`` or the (cached) built-in model."""
+        """The model the run starts from: ``model.path``, a (cached) GGUF conversion, or the built-in model."""
         if self.cfg.model.path is not None:
             return check_causal_lm_dir(self.cfg.model.path, self.cfg.model.trust_remote_code)
+        gguf = self.cfg.model.gguf
+        if gguf.file is not None:
+            from zorefine.models.gguf import ensure_gguf_model
+
+            return ensure_gguf_model(cache_root(gguf.cache_dir), gguf.file, gguf.package, gguf.system_prompt)
         from zorefine.models.builtin import ensure_builtin_model
 
         return ensure_builtin_model(OmegaConf.to_object(self.cfg.model.builtin))
@@ -173,7 +178,7 @@ class Run:
 
     def preflight(self, stages: list[Stage]) -> None:
         """Check the inputs the requested stages will need before any work starts (fail fast, lose nothing)."""
-        if self.cfg.model.path is not None:
+        if self.cfg.model.path is not None or self.cfg.model.gguf.file is not None:
             _ = self.start_checkpoint
         _ = self.overrefusal_examples
         for split, kind in needed_splits(self.cfg, stages):

@@ -6,12 +6,12 @@ of each group are in ``conf/`` (installed as ``zorefine.conf``); every field is 
 ``docs/configuration.md``.
 """
 
-from zorefine.config.model import BuiltinModelConfig, ModelConfig
+from zorefine.config.model import BuiltinModelConfig, GGUFModelConfig, ModelConfig
 from zorefine.config.refine import RefineConfig, zo_settings
 from zorefine.config.schema import STAGE_ORDER, Stage, ZorefineConfig, register_configs
 from zorefine.config.validate import validate
 
 __all__ = [
-    "BuiltinModelConfig", "ModelConfig", "RefineConfig", "STAGE_ORDER", "Stage", "ZorefineConfig",
+    "BuiltinModelConfig", "GGUFModelConfig", "ModelConfig", "RefineConfig", "STAGE_ORDER", "Stage", "ZorefineConfig",
     "register_configs", "validate", "zo_settings",
 ]

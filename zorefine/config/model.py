@@ -32,6 +32,20 @@ class BuiltinModelConfig:
 
 
 @dataclass
+class GGUFModelConfig:
+    """A model shipped as a GGUF file, converted once into the cache (see ``zorefine.models.gguf``)."""
+
+    # The GGUF file: a name inside ``package`` or a path; null = no GGUF model.
+    file: Optional[str] = None
+    # An installed Python package that ships the file (found without importing it).
+    package: Optional[str] = None
+    # Replaces the chat template's default system message ("" = none); null = as shipped.
+    system_prompt: Optional[str] = None
+    # Where conversions are kept; null = $ZOREFINE_CACHE or ~/.cache/zorefine.
+    cache_dir: Optional[str] = None
+
+
+@dataclass
 class ModelConfig:
     """Which model to start from."""
 
@@ -41,11 +55,14 @@ class ModelConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     builtin: BuiltinModelConfig = field(default_factory=BuiltinModelConfig)
+    gguf: GGUFModelConfig = field(default_factory=GGUFModelConfig)
 
 
 def check_model(cfg: DictConfig) -> None:
     """Ranges the ``model`` group's types cannot express."""
     require(cfg.dtype in DTYPES, f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    require(cfg.path is None or cfg.gguf.file is None, "set model.path or model.gguf.file, not both")
+    require(cfg.gguf.package is None or cfg.gguf.file is not None, "model.gguf.package needs model.gguf.file")
     builtin = cfg.builtin
     require(builtin.hidden_size % builtin.num_heads == 0, "model.builtin.hidden_size must be divisible by num_heads")
     require(builtin.num_layers >= 1, "model.builtin.num_layers must be >= 1")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from zorefine.config import BuiltinModelConfig
 from zorefine.data import builtin_path, load_examples, select
-from zorefine.models.loading import save_checkpoint
+from zorefine.models.loading import cache_root, save_checkpoint
 from zorefine.models.sft import SFTSettings, run_sft
 
 log = logging.getLogger(__name__)
@@ -34,13 +33,6 @@ CHAT_TEMPLATE = (
 )
 # Bump when the recipe changes so stale cached models are not reused.
 RECIPE_VERSION = 1
-
-
-def cache_root(cache_dir: str | None) -> Path:
-    """Where built models live: the config value, else $ZOREFINE_CACHE, else ~/.cache/zorefine."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("ZOREFINE_CACHE", Path.home() / ".cache" / "zorefine"))
 
 
 def _fingerprint(cfg: BuiltinModelConfig) -> str:

@@ -31,6 +31,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cache_root(cache_dir: str | None) -> Path:
+    """Where built and converted models live: the config value, else $ZOREFINE_CACHE, else ~/.cache/zorefine."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("ZOREFINE_CACHE", Path.home() / ".cache" / "zorefine"))
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a local tokenizer, with a pad token (falls back to EOS) for batched work."""
     try:

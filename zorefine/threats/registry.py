@@ -7,6 +7,9 @@ Spec language (:func:`parse_threat`), used in configs::
                                         (negate=1: the antithetic twin, the same draw times -1)
     rtn:int8|int4[:gN]                  round-to-nearest, per output channel or groups of N
     bnb:int8|nf4|fp4[:bN][:dq]          bitsandbytes LLM.int8 / NF4 / FP4 (blocksize N, double quant)
+    aquant:a8|a6|a4[:pPCT]              per-token activation quantization of the decoder's linear
+                                        inputs (scale from absmax, or the PCT percentile: clipped)
+    w8a8|w4a8|w4a4[:gN][:pPCT]          RTN weights (per channel or groups of N) + quantized activations
 
 To add a threat family: write its class in its own module, a ``_parse_<kind>`` here, one
 branch in :func:`parse_threat`, and its form in ``_SPEC_HELP``.
@@ -18,6 +21,7 @@ import re
 
 from zorefine.errors import ConfigError
 from zorefine.threats.activation_noise import ActivationNoise
+from zorefine.threats.activation_quantization import ActivationQuantization, WeightActivationQuantization
 from zorefine.threats.base import Threat
 from zorefine.threats.bnb import _BNB_SCHEMES, BnbQuantization
 from zorefine.threats.quantization import RTNQuantization
@@ -32,7 +36,9 @@ _SPEC_HELP = (
     "valid threat specs: 'wnoise:SIGMA[:absolute|relative|multiplicative][:seed=N][:negate=1]' (e.g. wnoise:0.05, "
     "wnoise:0.05:relative:seed=2), 'anoise:SIGMA[:MODE][:seed=N]' (e.g. anoise:0.1), "
     "'rtn:int8|int4[:gN]' (e.g. rtn:int8, rtn:int4:g128), "
-    "'bnb:int8|nf4|fp4[:bN][:dq]' (e.g. bnb:nf4, bnb:fp4:b128)"
+    "'bnb:int8|nf4|fp4[:bN][:dq]' (e.g. bnb:nf4, bnb:fp4:b128), "
+    "'aquant:a8|a6|a4[:pPCT]' (e.g. aquant:a8, aquant:a4:p99.9), "
+    "'w8a8|w4a8|w4a4[:gN][:pPCT]' (e.g. w8a8, w4a4:g64:p99.9)"
 )
 
 
@@ -153,11 +159,68 @@ def _parse_bnb(spec: str, positional: list[str], options: dict[str, str]) -> Thr
         raise _spec_error(spec, str(exc)) from None
 
 
+_ACT_BITS = re.compile(r"a?(\d+)")
+_PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
+_WA_KIND = re.compile(r"w(\d+)a(\d+)")
+
+
+def _parse_clip(spec: str, options: dict[str, str]) -> float | None:
+    return _parse_number(spec, options["clip"], "clip") if "clip" in options else None
+
+
+def _parse_aquant(spec: str, positional: list[str], options: dict[str, str]) -> Threat:
+    unknown = set(options) - {"bits", "clip"}
+    if unknown:
+        raise _spec_error(spec, f"unknown option(s) {', '.join(sorted(unknown))}")
+    bits: int | None = _parse_int(spec, options["bits"], "bits") if "bits" in options else None
+    clip = _parse_clip(spec, options)
+    for field in positional:
+        lowered = field.lower()
+        if (match := _ACT_BITS.fullmatch(lowered)) and bits is None:
+            bits = int(match.group(1))
+        elif (match := _PERCENTILE.fullmatch(lowered)) and clip is None:
+            clip = float(match.group(1))
+        elif lowered == "absmax" and clip is None:
+            continue
+        else:
+            raise _spec_error(spec, f"unexpected field {field!r} for aquant")
+    try:
+        return ActivationQuantization(bits=8 if bits is None else bits, clip=clip)
+    except ConfigError as exc:
+        raise _spec_error(spec, str(exc)) from None
+
+
+def _parse_weight_activation(spec: str, kind: str, positional: list[str], options: dict[str, str]) -> Threat:
+    unknown = set(options) - {"group", "group_size", "clip"}
+    if unknown:
+        raise _spec_error(spec, f"unknown option(s) {', '.join(sorted(unknown))}")
+    match = _WA_KIND.fullmatch(kind)
+    assert match is not None  # parse_threat dispatches only matching kinds here
+    group_text = options.get("group", options.get("group_size"))
+    group: int | None = _parse_int(spec, group_text, "group size") if group_text is not None else None
+    clip = _parse_clip(spec, options)
+    for field in positional:
+        lowered = field.lower()
+        if (found := _GROUP.fullmatch(lowered)) and group is None:
+            group = int(found.group(1))
+        elif (found := _PERCENTILE.fullmatch(lowered)) and clip is None:
+            clip = float(found.group(1))
+        elif lowered in ("channel", "per_channel", "per-channel", "absmax"):
+            continue
+        else:
+            raise _spec_error(spec, f"unexpected field {field!r} for {kind}")
+    try:
+        return WeightActivationQuantization(int(match.group(1)), int(match.group(2)), group, clip)
+    except ConfigError as exc:
+        raise _spec_error(spec, str(exc)) from None
+
+
 def parse_threat(spec: str) -> Threat:
     """Build a threat from a config spec such as ``"wnoise:0.05"`` or ``"rtn:int4:g128"``.
 
     Forms: ``wnoise:SIGMA[:MODE][:seed=N]``, ``anoise:SIGMA[:MODE][:seed=N]``,
-    ``rtn:int8|int4[:gN]``, ``bnb:int8|nf4|fp4[:bN][:dq]``; MODE is absolute, relative
+    ``rtn:int8|int4[:gN]``, ``bnb:int8|nf4|fp4[:bN][:dq]``, ``aquant:a8|a6|a4[:pPCT]``,
+    ``w8a8|w4a8|w4a4[:gN][:pPCT]``; MODE is absolute, relative
     (default) or multiplicative. Every threat's ``spec`` property parses back to an equal
     threat. Raises :class:`ConfigError` listing the valid forms on a bad spec.
     """
@@ -170,4 +233,8 @@ def parse_threat(spec: str) -> Threat:
         return _parse_rtn(spec, positional, options)
     if kind == "bnb":
         return _parse_bnb(spec, positional, options)
+    if kind == "aquant":
+        return _parse_aquant(spec, positional, options)
+    if _WA_KIND.fullmatch(kind):
+        return _parse_weight_activation(spec, kind, positional, options)
     raise _spec_error(spec, f"unknown threat kind {kind!r}")
