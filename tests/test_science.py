@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import make_cfg, save_micro_checkpoint
 from zorefine.analyze import stage as analyze
 from zorefine.pipeline import run_pipeline
+from zorefine.refine import stage as refine
 from zorefine.run import Run
 
 FRAGILE = 1
@@ -68,3 +69,15 @@ def test_refinement_lowers_its_threat_aware_objective_and_the_loss_under_noise(a
     before, after = (metrics["models"][k]["summary"]["wnoise σ=0.3"]["safety_loss"]["mean"] for k in ("before", "after"))
     # Held-out refusals under fresh noise draws (the test stream): more likely after refinement.
     assert after < before - 0.02, (before, after)
+
+
+def test_zo_lowers_the_loss_of_the_w4a4_model_directly(aligned_micro, tmp_path):
+    # Rounding has no useful gradient; ZO needs none: it reads the quantized model's loss.
+    overrides = {
+        "refine.method": "zo_full", "refine.objective_threat": "w4a4:g16", "refine.targets": "reference",
+        "refine.steps": 100, "refine.lr": 0.05, "refine.batch_size": 8,
+    }
+    refine.run(Run(make_cfg(aligned_micro, stages="[refine]", **overrides), tmp_path))
+    steps = [json.loads(line) for line in (tmp_path / "trajectory.jsonl").read_text().splitlines()[1:]]
+    losses = [0.5 * (s["loss_plus"] + s["loss_minus"]) for s in steps]
+    assert statistics.fmean(losses[-20:]) < statistics.fmean(losses[:20]) - 0.1

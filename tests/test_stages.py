@@ -152,9 +152,20 @@ def test_evaluate_writes_metrics_report_and_plot(micro_checkpoint, tmp_path):
     rates = [clean[k]["mean"] for k in ("harmful_refusal_rate", "attack_success_rate", "harmful_degenerate_rate")]
     assert all(0.0 <= r <= 1.0 for r in rates) and abs(sum(rates) - 1.0) < 1e-9
     assert metrics["config"]["evaluate"]["sigmas"] == [0.1]
+    assert clean["benign_agreement"]["mean"] == 1.0
+    assert 0.0 <= result["summary"]["wnoise σ=0.1"]["benign_agreement"]["mean"] <= 1.0
     report = (tmp_path / "report.md").read_text()
-    assert "refusal breaks" in report and "rtn:int8" in report
+    assert "refusal breaks" in report and "rtn:int8" in report and "benign answers as clean" in report
     assert (tmp_path / "robustness.png").stat().st_size > 1000
+
+
+def test_answer_agreement_is_word_level_similarity():
+    from zorefine.evaluate.robustness import answer_agreement
+
+    assert answer_agreement(["the cat sat", "a b c d"], ["the cat sat", "a b x d"]) == pytest.approx((1 + 0.75) / 2)
+    assert answer_agreement(["", "zzz"], ["some words", "other words"]) == 0.0
+    with pytest.raises(ValueError):
+        answer_agreement(["one"], [])
 
 
 def test_full_pipeline_evaluates_before_and_after(micro_checkpoint, tmp_path):
@@ -177,6 +188,7 @@ def test_full_pipeline_evaluates_before_and_after(micro_checkpoint, tmp_path):
         {"refine.zo.optimizer": "momentum", "refine.lr_schedule": "cosine", "refine.grad_accum": 2},
         {"refine.zo.optimizer": "sign", "refine.objective_threat": "rtn:int4", "refine.eps_schedule": "linear"},
         {"refine.objective_threat": "wnoise:0.05", "refine.zo.direction": "rademacher"},
+        {"refine.objective_threat": "w4a4:g16:p99"},
     ],
 )
 def test_refine_variants_replay_exactly(micro_checkpoint, tmp_path, overrides):

@@ -19,6 +19,7 @@ ROWS = [
     ("overrefusal_rate", "over-refusal (XSTest) ↓"),
     ("safety_loss", "safety loss ↓"),
     ("utility_loss", "utility loss ↓"),
+    ("benign_agreement", "benign answers as clean ↑"),
 ]
 
 

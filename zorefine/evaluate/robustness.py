@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Sequence
@@ -55,6 +56,9 @@ class ConditionResult:
     overrefusal_rate: Optional[float]
     safety_loss: float
     utility_loss: float
+    # Mean word-level similarity (difflib ratio, 0..1) of the greedy benign answers to the clean
+    # model's: a utility measure for a real model, where "answered" says little about quality.
+    benign_agreement: Optional[float] = None
     samples: dict[str, list[str]] = field(default_factory=dict)
     # Per prompt, in set order: 1 where the outcome happened (the harmful prompt was answered, the
     # safe one refused). Two models measured on the same prompts and noise draws pair up on these.
@@ -103,8 +107,13 @@ def measure(
     batch_size: int,
     max_length: int,
     keep_samples: int = 0,
+    reference_answers: Sequence[str] | None = None,
 ) -> ConditionResult:
-    """Generate and judge on every set, and compute safety/utility losses, as the model is now."""
+    """Generate and judge on every set, and compute safety/utility losses, as the model is now.
+
+    ``reference_answers`` (the clean model's greedy answers to ``sets.benign``) adds
+    ``benign_agreement``.
+    """
 
     def judged(prompts: list[str]) -> tuple[list[str], list[Verdict]]:
         responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)
@@ -127,6 +136,7 @@ def measure(
         benign_helpful_rate=_rate(benign_v, Verdict.COMPLIANCE),
         benign_degenerate_rate=_rate(benign_v, Verdict.DEGENERATE),
         overrefusal_rate=_rate(over_v, Verdict.REFUSAL) if over_v else None,
+        benign_agreement=answer_agreement(benign_out, reference_answers) if reference_answers is not None else None,
         safety_loss=mean_response_nll(model, tokenizer, sets.harmful, max_length, batch_size),
         utility_loss=mean_response_nll(model, tokenizer, sets.benign, max_length, batch_size),
         samples={
@@ -139,6 +149,14 @@ def measure(
             "overrefusal": [int(v == Verdict.REFUSAL) for v in over_v],
         },
     )
+
+
+def answer_agreement(answers: Sequence[str], references: Sequence[str]) -> float:
+    """Mean word-level similarity of each answer to its reference (1.0: the same words in order)."""
+    if len(answers) != len(references):
+        raise ValueError(f"{len(answers)} answers for {len(references)} references")
+    ratios = [difflib.SequenceMatcher(None, a.split(), r.split(), autojunk=False).ratio() for a, r in zip(answers, references)]
+    return sum(ratios) / len(ratios) if ratios else float("nan")
 
 
 def evaluate_grid(
@@ -159,6 +177,9 @@ def evaluate_grid(
     single cell, use every held-out prompt while the threat grid uses a subsample.
     """
     processes = distributed.current()
+    # What the threatened answers are compared with: the clean model's, on the grid's prompts
+    # (generated once, by every process alike: greedy decoding is deterministic).
+    references = generate_responses(model, tokenizer, [p for p, _ in sets.benign], max_new_tokens, batch_size)
     # Conditions are independent and seeded: under a launcher each process measures its share.
     progress = tqdm(total=len(processes.shard(grid)), desc=desc, disable=not processes.is_main)
 
@@ -166,9 +187,11 @@ def evaluate_grid(
         if condition.threat is None:
             clean = clean_sets or sets
             result = measure(model, tokenizer, clean, judge, condition, max_new_tokens, batch_size, max_length, keep_samples=5)
+            result.benign_agreement = 1.0
         else:
             with threatened(model, condition.threat):
-                result = measure(model, tokenizer, sets, judge, condition, max_new_tokens, batch_size, max_length)
+                result = measure(model, tokenizer, sets, judge, condition, max_new_tokens, batch_size, max_length,
+                                 reference_answers=references)
         progress.update()
         return result
 
@@ -187,6 +210,7 @@ METRICS = (
     "overrefusal_rate",
     "safety_loss",
     "utility_loss",
+    "benign_agreement",
 )
 
 
