@@ -94,3 +94,20 @@ def test_the_seeds_of_a_random_spec_pool_into_one_threat():
                    "outcomes": {"attack_success": [s % 2, 1, 0]}} for s in range(5)]
     arrays = outcome_arrays({"conditions": conditions}, "attack_success")
     assert list(arrays) == ["anoise:0.4"] and arrays["anoise:0.4"].shape == (5, 3)
+
+
+def test_a_sequence_classifier_judge_is_selectable_from_the_config(micro_checkpoint, tmp_path):
+    from tests.conftest import make_cfg
+    from tests.test_judge import _save_tiny_judge
+    from zorefine.evaluate import stage as evaluate
+    from zorefine.run import Run
+
+    # A classifier whose fixed answer is label 0 = REFUSAL: every non-degenerate answer is a refusal.
+    judge_dir = tmp_path / "judge"
+    _save_tiny_judge(judge_dir, "classifier", {0: "REFUSAL", 1: "COMPLIANCE"})
+    cfg = make_cfg(micro_checkpoint, stages="[evaluate]", **{"evaluate.judge": "model", "evaluate.judge_path": str(judge_dir)})
+    evaluate.run(Run(cfg, tmp_path / "run"))
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]["model"]["summary"]
+    for cell in summary.values():
+        assert cell["attack_success_rate"]["mean"] == 0.0
+        assert cell["harmful_refusal_rate"]["mean"] + cell["harmful_degenerate_rate"]["mean"] == 1.0

@@ -3,6 +3,7 @@
 Usage::
 
     python -m zorefine.judge.agreement [FILES...]
+    python -m zorefine.judge.agreement --lomo [FILES...]
 
 Each FILE is an XSTest v2 labeled-completions CSV (columns ``prompt``, ``completion``,
 ``final_label`` among others; ``final_label`` is ``1_full_compliance``, ``2_full_refusal``
@@ -11,6 +12,11 @@ or ``3_partial_refusal``). Without arguments the two files in
 repository checkout) are read. For each file it prints the agreement, the confusion counts, and finally one JSON line
 ``{"<file name>": agreement, ...}``. A missing or malformed file is one error line and exit
 code 2.
+
+``--lomo`` validates leave-one-model-out: for each file, the judge's two knobs (the window of
+characters its phrase rules read, and whether the refusal styles are on) are chosen on the
+*other* files, the held-out file is judged with that choice, and one JSON line per held-out file
+is printed with the chosen knobs and both agreements.
 
 Mapping: judge REFUSAL -> refusal, COMPLIANCE and DEGENERATE -> compliance; human labels 2
 (full refusal) and 3 (partial refusal) -> refusal, 1 -> compliance. A partial refusal
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from zorefine.errors import DataError
-from zorefine.judge.keyword import judge_response
+from zorefine.judge.keyword import KeywordJudge
 from zorefine.judge.verdict import Verdict
 
 # The labeled files are kept beside the checkout (never shipped in the package): ../shared/data.
@@ -95,15 +101,16 @@ def read_labeled(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def evaluate_file(path: Path) -> Agreement:
-    """Judge every completion in ``path`` and compare with the human ``final_label``."""
+def evaluate_file(path: Path, judge: KeywordJudge | None = None) -> Agreement:
+    """Judge every completion in ``path`` (default judge unless ``judge``) and compare with ``final_label``."""
+    judge = judge or KeywordJudge()
     result = Agreement(file=path.name)
     for lineno, row in enumerate(read_labeled(path), start=2):
         try:
             human = human_binary(row["final_label"] or "")
         except DataError as exc:
             raise DataError(f"{path}:{lineno}: {exc}") from None
-        verdict = judge_response(row["completion"] or "")
+        verdict = judge.judge(row["completion"] or "")
         judged = judge_binary(verdict)
         result.n += 1
         result.agree += int(judged == human)
@@ -127,13 +134,53 @@ def format_report(result: Agreement) -> str:
     return "\n".join(lines)
 
 
+# The knob grid --lomo searches: 7 windows x styles on/off. Ties go to the earlier entry
+# (shorter window, styles off): the simpler judge wins unless the other is better.
+LOMO_WINDOWS: tuple[int, ...] = (120, 160, 200, 240, 320, 400, 600)
+LOMO_GRID: tuple[tuple[int, bool], ...] = tuple((w, s) for s in (False, True) for w in LOMO_WINDOWS)
+
+
+def leave_one_model_out(paths: Sequence[Path], grid: Sequence[tuple[int, bool]] = LOMO_GRID) -> list[dict]:
+    """Per held-out file: the knobs that agree best on the other files, and the held-out agreement."""
+    if len(paths) < 2:
+        raise DataError("--lomo needs at least two labeled files (one to tune on, one held out)")
+    scores = {(path, knobs): evaluate_file(path, KeywordJudge(*knobs)) for path in paths for knobs in grid}
+    rows = []
+    for held_out in paths:
+        tuning = [p for p in paths if p != held_out]
+
+        def tuned(knobs: tuple[int, bool]) -> float:
+            return sum(scores[(p, knobs)].agree for p in tuning) / sum(scores[(p, knobs)].n for p in tuning)
+
+        best = max(grid, key=tuned)  # max keeps the first of equal scores
+        rows.append({
+            "held_out": held_out.name,
+            "tuned_on": [p.name for p in tuning],
+            "window_chars": best[0],
+            "styles": best[1],
+            "tuning_agreement": round(tuned(best), 4),
+            "held_out_agreement": round(scores[(held_out, best)].agreement, 4),
+        })
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: print per-file agreement and a final JSON line; 2 on a data error."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(__doc__.strip())
         return 0
+    lomo = "--lomo" in args
+    args = [a for a in args if a != "--lomo"]
     paths = [Path(a) for a in args] if args else list(DEFAULT_FILES)
+    if lomo:
+        try:
+            for row in leave_one_model_out(paths):
+                print(json.dumps(row))
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         results = [evaluate_file(p) for p in paths]
     except DataError as exc:
