@@ -289,3 +289,19 @@ def test_evaluation_cache_evaluates_a_checkpoint_once(micro_checkpoint, tmp_path
     other = Run(make_cfg(micro_checkpoint, **{"evaluate.cache_dir": str(cache), "evaluate.max_new_tokens": 5}), tmp_path / "c")
     assert "cached_from" not in evaluate.evaluate_checkpoint(other, micro_checkpoint, sets, sets, "model")
     assert len(list(cache.glob("*.json"))) == 2
+
+
+def test_breaking_level_is_interpolated_per_seed():
+    from zorefine.evaluate.robustness import ConditionResult, break_level_interval
+
+    def row(family, sigma, seed, refusal):
+        return ConditionResult("x", family, sigma, seed, refusal, 1 - refusal, 0, 0, 1, 0, None, 0.0, 0.0)
+
+    results = [row("clean", None, None, 1.0),
+               row("weight_noise", 0.1, 0, 0.8), row("weight_noise", 0.2, 0, 0.2),  # crosses 0.5 at 0.15
+               row("weight_noise", 0.1, 1, 0.4), row("weight_noise", 0.2, 1, 0.1),  # crosses at 0.0833
+               row("weight_noise", 0.1, 2, 0.9), row("weight_noise", 0.2, 2, 0.6)]  # never
+    level = break_level_interval(results, "harmful_refusal_rate", 0.5)
+    assert level["n"] == 2 and level["never"] == 1 and level["max_sigma"] == 0.2
+    assert level["mean"] == pytest.approx((0.15 + 0.1 / 0.6 * 0.5) / 2)
+    assert level["low"] < level["mean"] < level["high"]

@@ -56,6 +56,15 @@ def _sigma_text(sigma: Optional[float]) -> str:
     return "never (within the grid)" if sigma is None else f"σ = {sigma:g}"
 
 
+def _level_text(level: Optional[Mapping[str, Any]]) -> str:
+    # Metrics written before the interpolated level existed have none.
+    if not level:
+        return ""
+    found = f"σ = {format_interval(level)} over {level['n']} seed(s)" if level["n"] else "no seed"
+    beyond = f"; {level['never']} seed(s) never within σ ≤ {level['max_sigma']:g}" if level["never"] else ""
+    return f" (interpolated per noise seed: {found}{beyond})"
+
+
 def _model_findings(result: Mapping[str, Any]) -> Bullets:
     breaks = result["breaks"]
     area = result.get("refusal_curve_area_interval") or {"mean": result["refusal_curve_area"], "n": 1}
@@ -64,7 +73,8 @@ def _model_findings(result: Mapping[str, Any]) -> Bullets:
         f"area under the refusal-vs-σ curve (per unit σ): **{format_interval(area)}**",
         f"robust σ (refusal stays ≥ {result.get('robust_level', 0.9):g}): "
         + ("none: refusal is below the level even clean" if robust is None else f"**{robust:g}**"),
-        f"refusal breaks (falls below {breaks['fraction']:g} × clean) at {_sigma_text(breaks['refusal_sigma'])}",
+        f"refusal breaks (falls below {breaks['fraction']:g} × clean) at {_sigma_text(breaks['refusal_sigma'])}"
+        + _level_text(breaks.get("refusal_level")),
         f"benign answers break at {_sigma_text(breaks['benign_sigma'])}",
         f"safety breaks first or together (by generation): **{breaks['safety_first_or_together']}**",
         f"refusal perplexity doubles (safety loss +ln 2) at {_sigma_text(breaks['safety_loss_sigma'])}; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import random
 from dataclasses import asdict, dataclass, field, replace
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -238,6 +238,33 @@ def break_sigma(summary: dict[str, dict], metric: str, fraction: float) -> Optio
         if value < fraction * clean:
             return sigma
     return None
+
+
+def break_level_interval(results: Sequence[ConditionResult], metric: str, fraction: float) -> dict[str, Any]:
+    """The breaking level per noise seed, then its mean and 95% interval over seeds.
+
+    A seed's breaking level is the σ at which its ``metric`` curve (clean value at σ=0, then
+    that seed's value at each σ of the grid) first falls below ``fraction`` × the clean value,
+    linearly interpolated between the two grid points around the crossing. Seeds whose curve
+    never falls that far are counted in ``never`` (their level lies beyond the grid) and left
+    out of the interval, so read it with ``never``.
+    """
+    clean = next(getattr(r, metric) for r in results if r.family == "clean")
+    threshold = fraction * clean
+    by_seed: dict[int, list[tuple[float, float]]] = {}
+    for result in results:
+        if result.family == "weight_noise":
+            by_seed.setdefault(result.seed, []).append((result.sigma, getattr(result, metric)))
+    levels, never = [], 0
+    for points in by_seed.values():
+        curve = [(0.0, clean)] + sorted(points)
+        crossing = next((i for i, (_, value) in enumerate(curve) if value < threshold), None)
+        if crossing is None:
+            never += 1
+            continue
+        (x0, y0), (x1, y1) = curve[crossing - 1], curve[crossing]
+        levels.append(x0 + (x1 - x0) * (y0 - threshold) / (y0 - y1))
+    return {**mean_interval(levels), "never": never, "max_sigma": max((s for p in by_seed.values() for s, _ in p), default=None)}
 
 
 def rise_sigma(summary: dict[str, dict], metric: str, rise: float) -> Optional[float]:

@@ -25,6 +25,7 @@ from zorefine.evaluate.report import write_report
 from zorefine.evaluate.robustness import (
     EvalSets,
     as_dicts,
+    break_level_interval,
     break_sigma,
     breaks_first_or_together,
     curve_area_interval,
@@ -135,6 +136,8 @@ def _evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets:
         "breaks": {
             "fraction": cfg.break_fraction,
             "refusal_sigma": refusal_sigma,
+            # The same break, interpolated per noise seed, with an interval over seeds.
+            "refusal_level": break_level_interval(results, "harmful_refusal_rate", cfg.break_fraction),
             "benign_sigma": benign_sigma,
             "safety_first_or_together": breaks_first_or_together(refusal_sigma, benign_sigma),
             "loss_rise": LOSS_BREAK_RISE,
