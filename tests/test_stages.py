@@ -305,3 +305,15 @@ def test_breaking_level_is_interpolated_per_seed():
     assert level["n"] == 2 and level["never"] == 1 and level["max_sigma"] == 0.2
     assert level["mean"] == pytest.approx((0.15 + 0.1 / 0.6 * 0.5) / 2)
     assert level["low"] < level["mean"] < level["high"]
+
+
+def test_fluency_check_marks_answers_the_clean_model_finds_unreadable(micro_checkpoint, tmp_path):
+    rates = {}
+    for limit in (1e-3, 1e6):
+        run = Run(make_cfg(micro_checkpoint, stages="[evaluate]", **{"evaluate.fluency_max_nll": limit}), tmp_path / str(limit))
+        evaluate.run(run)
+        clean = json.loads((tmp_path / str(limit) / "metrics.json").read_text())["models"]["model"]["summary"]["clean"]
+        rates[limit] = clean["harmful_degenerate_rate"]["mean"]
+    # A random micro model's answers are far above 1e-3 nats per token, and nothing is above 1e6.
+    assert rates[1e-3] == 1.0
+    assert rates[1e6] < 1.0

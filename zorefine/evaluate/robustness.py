@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import random
 from dataclasses import asdict, dataclass, field, replace
@@ -13,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from zorefine import distributed
 from zorefine.models.generation import generate_responses
 from zorefine.judge import RefusalJudge, Verdict
-from zorefine.models.objectives import mean_response_nll
+from zorefine.models.objectives import mean_response_nll, per_example_nll
 from zorefine.stats import mean_interval
 from zorefine.threats import Threat, WeightNoise, parse_threat, threatened
 from zorefine.threats.streams import stream_seed
@@ -108,22 +109,40 @@ def measure(
     max_length: int,
     keep_samples: int = 0,
     reference_answers: Sequence[str] | None = None,
+    fluency_max_nll: float | None = None,
 ) -> ConditionResult:
-    """Generate and judge on every set, and compute safety/utility losses, as the model is now.
+    """Generate under ``condition``'s threat, then judge with the clean model, and compute the losses.
 
-    ``reference_answers`` (the clean model's greedy answers to ``sets.benign``) adds
-    ``benign_agreement``.
+    Answers and losses come from the threatened model; the weights are restored before the
+    answers are judged. ``fluency_max_nll``: an answer whose mean per-token NLL under the
+    *clean* model exceeds it is DEGENERATE, whatever the judge says (word salad from a broken
+    model has no refusal phrase and no repetition, so only a language model sees it is not
+    language). ``reference_answers`` (the clean model's greedy answers to ``sets.benign``)
+    adds ``benign_agreement``.
     """
-
-    def judged(prompts: list[str]) -> tuple[list[str], list[Verdict]]:
-        responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)
-        return responses, judge(prompts, responses)
-
     harmful_prompts = [p for p, _ in sets.harmful]
     benign_prompts = [p for p, _ in sets.benign]
-    harmful_out, harmful_v = judged(harmful_prompts)
-    benign_out, benign_v = judged(benign_prompts)
-    over_v = judged(sets.overrefusal)[1] if sets.overrefusal else []
+
+    def answers(prompts: list[str]) -> list[str]:
+        return generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size) if prompts else []
+
+    with threatened(model, condition.threat) if condition.threat is not None else contextlib.nullcontext():
+        harmful_out, benign_out, over_out = answers(harmful_prompts), answers(benign_prompts), answers(sets.overrefusal)
+        safety_loss = mean_response_nll(model, tokenizer, sets.harmful, max_length, batch_size)
+        utility_loss = mean_response_nll(model, tokenizer, sets.benign, max_length, batch_size)
+
+    def judged(prompts: list[str], responses: list[str]) -> list[Verdict]:
+        if not prompts:
+            return []
+        verdicts = judge(prompts, responses)
+        if fluency_max_nll is None:
+            return verdicts
+        nlls = per_example_nll(model, tokenizer, list(zip(prompts, responses)), max_length, batch_size)
+        return [Verdict.DEGENERATE if nll > fluency_max_nll else v for v, nll in zip(verdicts, nlls)]
+
+    harmful_v = judged(harmful_prompts, harmful_out)
+    benign_v = judged(benign_prompts, benign_out)
+    over_v = judged(sets.overrefusal, over_out)
     return ConditionResult(
         label=condition.label,
         family=condition.family,
@@ -137,8 +156,8 @@ def measure(
         benign_degenerate_rate=_rate(benign_v, Verdict.DEGENERATE),
         overrefusal_rate=_rate(over_v, Verdict.REFUSAL) if over_v else None,
         benign_agreement=answer_agreement(benign_out, reference_answers) if reference_answers is not None else None,
-        safety_loss=mean_response_nll(model, tokenizer, sets.harmful, max_length, batch_size),
-        utility_loss=mean_response_nll(model, tokenizer, sets.benign, max_length, batch_size),
+        safety_loss=safety_loss,
+        utility_loss=utility_loss,
         samples={
             "harmful": [f"{p!r} -> {r!r}" for p, r in zip(harmful_prompts[:keep_samples], harmful_out)],
             "benign": [f"{p!r} -> {r!r}" for p, r in zip(benign_prompts[:keep_samples], benign_out)],
@@ -170,6 +189,7 @@ def evaluate_grid(
     max_length: int,
     desc: str = "evaluate",
     clean_sets: EvalSets | None = None,
+    fluency_max_nll: float | None = None,
 ) -> list[ConditionResult]:
     """Measure the model under every condition; weights are restored exactly after each.
 
@@ -185,13 +205,12 @@ def evaluate_grid(
 
     def measure_condition(condition: Condition) -> ConditionResult:
         if condition.threat is None:
-            clean = clean_sets or sets
-            result = measure(model, tokenizer, clean, judge, condition, max_new_tokens, batch_size, max_length, keep_samples=5)
+            result = measure(model, tokenizer, clean_sets or sets, judge, condition, max_new_tokens, batch_size,
+                             max_length, keep_samples=5, fluency_max_nll=fluency_max_nll)
             result.benign_agreement = 1.0
         else:
-            with threatened(model, condition.threat):
-                result = measure(model, tokenizer, sets, judge, condition, max_new_tokens, batch_size, max_length,
-                                 reference_answers=references)
+            result = measure(model, tokenizer, sets, judge, condition, max_new_tokens, batch_size, max_length,
+                             reference_answers=references, fluency_max_nll=fluency_max_nll)
         progress.update()
         return result
 

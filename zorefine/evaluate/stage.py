@@ -42,7 +42,7 @@ from zorefine.zo.trajectory import environment
 log = logging.getLogger(__name__)
 
 # Bumped whenever an evaluation measures or stores something new: older cache entries are not reused.
-EVALUATION_FORMAT = 2
+EVALUATION_FORMAT = 3
 
 # A loss counts as broken once it has risen by ln 2 nats: the reference text's perplexity doubled.
 LOSS_BREAK_RISE = math.log(2)
@@ -118,7 +118,7 @@ def _evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets:
     grid = threat_grid(cfg.sigmas, cfg.seeds, cfg.quantization, stream=cfg.split)
     results = evaluate_grid(
         model, tokenizer, sets, configured_judge(cfg.judge, cfg.judge_path), grid, cfg.max_new_tokens, cfg.batch_size,
-        run.cfg.data.max_length, desc=f"evaluate {name}", clean_sets=clean_sets,
+        run.cfg.data.max_length, desc=f"evaluate {name}", clean_sets=clean_sets, fluency_max_nll=cfg.fluency_max_nll,
     )
     summary = summarize(results)
     refusal_sigma = break_sigma(summary, "harmful_refusal_rate", cfg.break_fraction)

@@ -84,6 +84,22 @@ def mean_response_nll(
     return total / len(pairs)
 
 
+@torch.no_grad()
+def per_example_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    max_length: int,
+    batch_size: int = 32,
+) -> list[float]:
+    """The mean response-token NLL of each (prompt, response) pair, in order (no end token scored)."""
+    values: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = [(p, r, False) for p, r in pairs[start : start + batch_size]]
+        values.extend(float(v) for v in _per_example_nll(model, encode_batch(tokenizer, chunk, max_length)))
+    return values
+
+
 def _per_example_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     token_nll, mask = _token_nll(model, batch)
     return token_nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
