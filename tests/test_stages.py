@@ -83,6 +83,19 @@ def test_analyze_by_module_under_several_threats_with_a_parameter_budget(micro_c
     assert summary["selected"] == selection["units"]
 
 
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+def test_analyze_scores_units_under_activation_quantization(micro_checkpoint, tmp_path, granularity):
+    overrides = {"analyze.granularity": granularity, "analyze.threats": "[aquant:a4,w4a4:g16]",
+                 "analyze.measure_refusal": False, "analyze.curvature": False}
+    analyze.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path))
+    report = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert {row["threat"] for row in report["scores"]} == {"aquant_a4", "w4a4_g16"}
+    for threat in ("aquant_a4", "w4a4_g16"):
+        rises = [row["safety_loss_rise"]["mean"] for row in report["scores"] if row["threat"] == threat]
+        # Quantizing one unit's inputs moves the loss, by different amounts for different units.
+        assert any(abs(r) > 0 for r in rises) and len(set(rises)) > 1, rises
+
+
 def test_refine_reuses_a_saved_selection_from_another_run(micro_checkpoint, tmp_path):
     first = tmp_path / "first"
     analyze.run(Run(make_cfg(micro_checkpoint, **{"analyze.granularity": "tensor", "analyze.measure_refusal": False}), first))
