@@ -76,12 +76,7 @@ def mean_response_nll(
     """Response NLL averaged over examples (each example weighs the same, whatever its length)."""
     if not pairs:
         return float("nan")
-    total = 0.0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        batch = encode_batch(tokenizer, chunk, max_length)
-        total += float(_per_example_nll(model, batch).sum())
-    return total / len(pairs)
+    return sum(per_example_nll(model, tokenizer, pairs, max_length, batch_size, ends=True)) / len(pairs)
 
 
 @torch.no_grad()
@@ -91,11 +86,16 @@ def per_example_nll(
     pairs: Sequence[tuple[str, str]],
     max_length: int,
     batch_size: int = 32,
+    ends: bool = False,
 ) -> list[float]:
-    """The mean response-token NLL of each (prompt, response) pair, in order (no end token scored)."""
+    """The mean response-token NLL of each (prompt, response) pair, in order.
+
+    ``ends``: score the end of sequence after each response too (a reference answer ends; a
+    generated one may have been cut at its token limit, so by default it is not).
+    """
     values: list[float] = []
     for start in range(0, len(pairs), batch_size):
-        chunk = [(p, r, False) for p, r in pairs[start : start + batch_size]]
+        chunk = [(p, r, ends) for p, r in pairs[start : start + batch_size]]
         values.extend(float(v) for v in _per_example_nll(model, encode_batch(tokenizer, chunk, max_length)))
     return values
 

@@ -64,6 +64,12 @@ def _split(spec: str) -> tuple[str, list[str], dict[str, str]]:
     return parts[0].lower(), positional, options
 
 
+def _reject_unknown(spec: str, options: dict[str, str], allowed: set[str]) -> None:
+    unknown = set(options) - allowed
+    if unknown:
+        raise _spec_error(spec, f"unknown option(s) {', '.join(sorted(unknown))}")
+
+
 def _parse_number(spec: str, text: str, what: str) -> float:
     try:
         return float(text)
@@ -79,9 +85,7 @@ def _parse_int(spec: str, text: str, what: str) -> int:
 
 
 def _parse_noise(spec: str, kind: str, positional: list[str], options: dict[str, str]) -> Threat:
-    unknown = set(options) - {"seed", "mode", "sigma", "negate"} - ({"target"} if kind == "anoise" else set())
-    if unknown:
-        raise _spec_error(spec, f"unknown option(s) {', '.join(sorted(unknown))}")
+    _reject_unknown(spec, options, {"seed", "mode", "sigma", "negate"} | ({"target"} if kind == "anoise" else set()))
     if len(positional) > 2:
         raise _spec_error(spec, f"too many fields for {kind}")
     sigma_text = options.get("sigma", positional[0] if positional else None)
@@ -111,9 +115,7 @@ _BLOCK = re.compile(r"b(\d+)")
 
 
 def _parse_rtn(spec: str, positional: list[str], options: dict[str, str]) -> Threat:
-    unknown = set(options) - {"bits", "group", "group_size"}
-    if unknown:
-        raise _spec_error(spec, f"unknown option(s) {', '.join(sorted(unknown))}")
+    _reject_unknown(spec, options, {"bits", "group", "group_size"})
     bits: int | None = _parse_int(spec, options["bits"], "bits") if "bits" in options else None
     group_text = options.get("group", options.get("group_size"))
     group: int | None = _parse_int(spec, group_text, "group size") if group_text is not None else None
@@ -134,9 +136,7 @@ def _parse_rtn(spec: str, positional: list[str], options: dict[str, str]) -> Thr
 
 
 def _parse_bnb(spec: str, positional: list[str], options: dict[str, str]) -> Threat:
-    unknown = set(options) - {"blocksize", "scheme", "double_quant"}
-    if unknown:
-        raise _spec_error(spec, f"unknown option(s) {', '.join(sorted(unknown))}")
+    _reject_unknown(spec, options, {"blocksize", "scheme", "double_quant"})
     scheme = options.get("scheme")
     blocksize = _parse_int(spec, options["blocksize"], "blocksize") if "blocksize" in options else None
     flag = options.get("double_quant", "false").lower()
@@ -169,9 +169,7 @@ def _parse_clip(spec: str, options: dict[str, str]) -> float | None:
 
 
 def _parse_aquant(spec: str, positional: list[str], options: dict[str, str]) -> Threat:
-    unknown = set(options) - {"bits", "clip"}
-    if unknown:
-        raise _spec_error(spec, f"unknown option(s) {', '.join(sorted(unknown))}")
+    _reject_unknown(spec, options, {"bits", "clip"})
     bits: int | None = _parse_int(spec, options["bits"], "bits") if "bits" in options else None
     clip = _parse_clip(spec, options)
     for field in positional:
@@ -191,9 +189,7 @@ def _parse_aquant(spec: str, positional: list[str], options: dict[str, str]) -> 
 
 
 def _parse_weight_activation(spec: str, kind: str, positional: list[str], options: dict[str, str]) -> Threat:
-    unknown = set(options) - {"group", "group_size", "clip"}
-    if unknown:
-        raise _spec_error(spec, f"unknown option(s) {', '.join(sorted(unknown))}")
+    _reject_unknown(spec, options, {"group", "group_size", "clip"})
     match = _WA_KIND.fullmatch(kind)
     assert match is not None  # parse_threat dispatches only matching kinds here
     group_text = options.get("group", options.get("group_size"))
