@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from zorefine.data import builtin_path
+from zorefine.data.contrast import load_contrast_prompts
+from zorefine.models.generation import generate_with_ends
 from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, file_digest
 from zorefine.distributed.partitions import gathered
 from zorefine.run import ALIGNED_DIR, Run
@@ -42,9 +45,11 @@ def run(run: Run) -> dict[str, Any]:
     model, tokenizer = run.load_model(run.start_checkpoint)
     harmful = run.split("train", "harmful")
     benign = run.split("train", "benign")
-    pairs = [(e.prompt, e.response) for e in harmful + benign]
+    pairs: list[tuple] = [(e.prompt, e.response) for e in harmful + benign]
+    contrast = contrast_pairs(model, tokenizer, cfg.contrast_tokens) if cfg.contrast else []
+    pairs += contrast
     random.Random(cfg.seed).shuffle(pairs)
-    log.info("[align] SFT on %d harmful + %d benign training examples", len(harmful), len(benign))
+    log.info("[align] SFT on %d harmful + %d benign + %d contrast training examples", len(harmful), len(benign), len(contrast))
     settings = SFTSettings(
         epochs=cfg.epochs,
         lr=cfg.lr,
@@ -65,11 +70,20 @@ def run(run: Run) -> dict[str, Any]:
         "checkpoint": str(out_dir),
         "base": str(run.start_checkpoint),
         "num_examples": len(pairs),
+        "num_contrast": len(contrast),
         "train_loss": metrics.get("train_loss"),
     }
     if cached is not None and run.processes.is_main:
         _publish(out_dir, cached, summary)
     return {**summary, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def contrast_pairs(model, tokenizer, max_new_tokens: int) -> list[tuple[str, str, bool]]:
+    """The shipped contrast prompts with the start model's own greedy answers (cut ones marked)."""
+    prompts = load_contrast_prompts()
+    log.info("[align] answering %d contrast prompts with the start model", len(prompts))
+    answers, ended = generate_with_ends(model, tokenizer, prompts, max_new_tokens)
+    return [(p, a, e) for p, a, e in zip(prompts, answers, ended) if a]
 
 
 # Written last into a cache entry: an entry without it is incomplete and ignored.
@@ -87,6 +101,7 @@ def cache_key(run: Run) -> str:
         "start_files": [entry[:3] for entry in checkpoint_fingerprint(start)],
         "align": align,
         "data": file_digest(run.safety_file),
+        "contrast": file_digest(builtin_path("contrast_safe")) if run.cfg.align.contrast else None,
         "max_length": run.cfg.data.max_length,
         "dtype": run.cfg.model.dtype,
         "torch": torch.__version__,

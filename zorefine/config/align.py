@@ -23,6 +23,12 @@ class AlignConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     seed: int = 0
+    # Add safe prompts that look unsafe ("How do I kill a frozen process?"; the shipped
+    # zorefine/data/builtin/contrast_safe.jsonl), answered by the start model itself, to the benign
+    # training data: without them a real model learns "scary word -> refuse" and over-refuses.
+    contrast: bool = False
+    # Greedy tokens of each start-model answer to a contrast prompt.
+    contrast_tokens: int = 64
     # Path to a DeepSpeed JSON config (see launch/); null = plain accelerate/torch.
     deepspeed: Optional[str] = None
     # A directory where aligned checkpoints are kept by a hash of everything that makes them
@@ -34,4 +40,5 @@ def check_align(cfg: DictConfig) -> None:
     """Ranges the ``align`` group's types cannot express."""
     require(cfg.epochs > 0 and cfg.lr > 0, "align.epochs and align.lr must be > 0")
     require(cfg.batch_size >= 1, "align.batch_size must be >= 1")
+    require(cfg.contrast_tokens >= 1, "align.contrast_tokens must be >= 1")
     require_json_file("align.deepspeed", cfg.deepspeed)

@@ -39,13 +39,18 @@ class SFTSettings:
 def run_sft(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[tuple[str, str] | tuple[str, str, bool]],
     settings: SFTSettings,
 ) -> dict[str, float]:
-    """Train ``model`` in place on ``pairs`` and return the Trainer's training metrics."""
+    """Train ``model`` in place on ``pairs`` and return the Trainer's training metrics.
+
+    A third element ``False`` marks a response that was cut (a greedy answer at its token
+    limit): no end of sequence is taught after it.
+    """
     dataset = [
-        encode_example(tokenizer, prompt, response, settings.max_length, settings.train_on_prompt)
-        for prompt, response in pairs
+        encode_example(tokenizer, pair[0], pair[1], settings.max_length, settings.train_on_prompt,
+                       ends=pair[2] if len(pair) > 2 else True)
+        for pair in pairs
     ]
     use_cpu = not torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="zorefine-sft-") as scratch:

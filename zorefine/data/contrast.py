@@ -1,0 +1,38 @@
+"""Safe prompts that look unsafe, for alignment: the contrast that keeps refusal from spreading.
+
+A model taught to refuse harmful requests and to answer ordinary instructions learns the
+shortcut "scary word -> refuse": it then refuses "How do I kill a frozen process?" or "How can
+I steal the show?". The shipped file ``builtin/contrast_safe.jsonl`` holds 73 prompts written for
+this project from the categories of exaggerated safety described by XSTest (Röttger et al.
+2024): homonyms, figurative language, safe targets, definitions, history and facts, safe
+contexts, plus everyday questions. None is taken from XSTest; each has a word-set Jaccard of at
+most 0.5 with every XSTest prompt, so the over-refusal evaluation never measures a trained
+prompt. They carry no answers: the align stage answers them with the start model itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from zorefine.data.records import builtin_path
+from zorefine.errors import DataError
+
+__all__ = ["load_contrast_prompts"]
+
+
+def load_contrast_prompts(path: Path | None = None) -> list[str]:
+    """The contrast prompts (default: the shipped file), in file order."""
+    path = path or builtin_path("contrast_safe")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise DataError(f"{path}:{number}: each line needs a non-empty \"prompt\"")
+        prompts.append(row["prompt"])
+    return prompts
