@@ -330,3 +330,24 @@ def test_fluency_check_marks_answers_the_clean_model_finds_unreadable(micro_chec
     # A random micro model's answers are far above 1e-3 nats per token, and nothing is above 1e6.
     assert rates[1e-3] == 1.0
     assert rates[1e6] < 1.0
+
+
+def test_align_adds_the_contrast_prompts_answered_by_the_start_model(micro_checkpoint, tmp_path, monkeypatch):
+    import zorefine.align.stage as align_stage
+    from zorefine.data.contrast import load_contrast_prompts
+
+    seen = {}
+
+    def recording_sft(model, tokenizer, pairs, settings):
+        seen["pairs"] = list(pairs)
+        return {"train_loss": 0.0}
+
+    monkeypatch.setattr(align_stage, "run_sft", recording_sft)
+    cfg = make_cfg(micro_checkpoint, stages="[align]", **{"align.contrast": True, "align.contrast_tokens": 4})
+    summary = align_stage.run(Run(cfg, tmp_path))
+    prompts = load_contrast_prompts()
+    assert len(prompts) == 73 and summary["num_contrast"] == len([p for p in seen["pairs"] if p[0] in set(prompts)])
+    contrast = [p for p in seen["pairs"] if len(p) == 3]
+    assert contrast and all(isinstance(answer, str) and answer for _, answer, _ in contrast)
+    # Four greedy tokens rarely end an answer: those are trained without an end of sequence.
+    assert any(ends is False for _, _, ends in contrast)
