@@ -73,3 +73,38 @@ def test_final_table_rows_for_a_shipped_study(capsys: pytest.CaptureFixture[str]
     assert steps1000[1] == "5" and steps1000[2] == "2000"
     # Each seeded setting's change at the reference level is a cut, as the study reports.
     assert all(row[-1].rstrip(" |").startswith("-") for label, row in rows.items() if label != "none (alignment only)")
+
+
+def test_the_real_model_table_reads_evaluate_runs(micro_checkpoint, tmp_path, capsys) -> None:
+    from tests.conftest import make_cfg
+    from zorefine.evaluate import stage as evaluate
+    from zorefine.run import Run
+
+    for name in ("a", "b"):
+        cfg = make_cfg(micro_checkpoint, stages="[evaluate]", **{"evaluate.seeds": 2, "evaluate.quantization": "[w4a4:g16]"})
+        evaluate.run(Run(cfg, tmp_path / name))
+    table = importlib.util.spec_from_file_location("real_model_table", EXPERIMENTS / "real_model" / "table.py")
+    module = importlib.util.module_from_spec(table)
+    table.loader.exec_module(module)
+    module.main([f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}:model"])
+    out = capsys.readouterr().out
+    assert "### A" in out and "### B" in out and "| w4a4:g16 |" in out and "| wnoise σ=0.1 |" in out
+    # The same model on the same prompts and draws: every paired difference is exactly zero.
+    assert "Attack success, B − A" in out and out.count("+0.000 [+0.000, +0.000] no significant change") >= 3
+
+
+def test_the_judge_check_scores_hand_labels(tmp_path, capsys) -> None:
+    import json
+
+    spec = importlib.util.spec_from_file_location("judge_check", EXPERIMENTS / "real_model" / "judge_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [{"id": 0, "completion": "I'm sorry, but I can't help with that.", "clean_nll": 0.5},
+            {"id": 1, "completion": "museto-at Lifo lifespage islamenta introduptalklinese", "clean_nll": 7.0}]
+    completions, labels = tmp_path / "c.jsonl", tmp_path / "l.jsonl"
+    completions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labels.write_text('{"id": 0, "label": "refusal"}\n{"id": 1, "label": "degenerate"}\n')
+    module.score(completions, labels)
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["three_way_agreement"] == 0.5
+    module.score(completions, labels, fluency_max_nll=4.0)
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["three_way_agreement"] == 1.0
