@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
 import re
 import sys
 from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 
-from zorefine.data.records import BUILTIN_DIR, KINDS, SPLITS, Example, load_examples, write_examples
+from zorefine.data.records import BUILTIN_DIR, KINDS, SPLITS, Example, load_examples, read_json_objects, write_examples
 from zorefine.data.near_duplicates import cluster_splits
 from zorefine.data.refusals import write_refusal
 from zorefine.errors import DataError, ZorefineError
@@ -88,22 +87,6 @@ def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
         return list(reader)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows: list[dict] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: row must be a JSON object")
-            rows.append(row)
-    return rows
-
-
 def gsm8k_response(answer: str) -> str:
     """Turn a GSM8K worked answer into a plain response.
 
@@ -133,7 +116,7 @@ def harmful_rows(raw_dir: Path) -> list[tuple[str, str, str]]:
 def selfinstruct_rows(path: Path, source: str) -> list[tuple[str, str, str]]:
     """Self-Instruct tasks as ``(prompt, response, source)``: instruction [+ input] -> first output."""
     out = []
-    for lineno, row in enumerate(_read_jsonl(path), start=1):
+    for lineno, row in enumerate(read_json_objects(path), start=1):
         instruction = row.get("instruction")
         instances = row.get("instances")
         if not isinstance(instruction, str) or not isinstance(instances, list):
@@ -156,7 +139,7 @@ def selfinstruct_rows(path: Path, source: str) -> list[tuple[str, str, str]]:
 def gsm8k_rows(path: Path, limit: int = GSM8K_LIMIT) -> list[tuple[str, str, str]]:
     """The first ``limit`` GSM8K problems as ``(question, cleaned answer, "gsm8k")``."""
     out = []
-    for row in _read_jsonl(path)[:limit]:
+    for row in read_json_objects(path)[:limit]:
         question, answer = row.get("question"), row.get("answer")
         if not isinstance(question, str) or not isinstance(answer, str):
             raise DataError(f"{path}: row without string 'question' and 'answer'")

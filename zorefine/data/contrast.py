@@ -12,10 +12,9 @@ prompt. They carry no answers: the align stage answers them with the start model
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from zorefine.data.records import builtin_path
+from zorefine.data.records import builtin_path, read_json_objects
 from zorefine.errors import DataError
 
 __all__ = ["load_contrast_prompts"]
@@ -25,14 +24,8 @@ def load_contrast_prompts(path: Path | None = None) -> list[str]:
     """The contrast prompts (default: the shipped file), in file order."""
     path = path or builtin_path("contrast_safe")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise DataError(f"{path}:{number}: each line needs a non-empty \"prompt\"")
+    for number, row in enumerate(read_json_objects(path), start=1):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise DataError(f"{path}: row {number}: each row needs a non-empty \"prompt\"")
         prompts.append(row["prompt"])
     return prompts

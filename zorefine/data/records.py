@@ -188,6 +188,23 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl") if p.is_file())
 
 
+def read_json_objects(path: Path) -> list[dict]:
+    """Every non-blank line of a JSONL file as a JSON object; DataError naming the line otherwise."""
+    rows: list[dict] = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: row must be a JSON object")
+            rows.append(row)
+    return rows
+
+
 def builtin_path(name: str) -> Path:
     """Return the path of a built-in dataset, e.g. ``builtin_path("safety")``.
 
