@@ -343,10 +343,12 @@ def test_align_adds_the_contrast_prompts_answered_by_the_start_model(micro_check
         return {"train_loss": 0.0}
 
     monkeypatch.setattr(align_stage, "run_sft", recording_sft)
-    cfg = make_cfg(micro_checkpoint, stages="[align]", **{"align.contrast": True, "align.contrast_tokens": 4})
+    cfg = make_cfg(micro_checkpoint, stages="[align]", **{"align.contrast": True, "align.contrast_tokens": 4, "align.contrast_repeats": 3})
     summary = align_stage.run(Run(cfg, tmp_path))
     prompts = load_contrast_prompts()
-    assert len(prompts) == 73 and summary["num_contrast"] == len([p for p in seen["pairs"] if p[0] in set(prompts)])
+    # Each contrast answer is trained three times; the harmful and benign examples once.
+    assert len(prompts) == 73 and 3 * summary["num_contrast"] == len([p for p in seen["pairs"] if p[0] in set(prompts)])
+    assert summary["num_examples"] == len(seen["pairs"])
     contrast = [p for p in seen["pairs"] if len(p) == 3]
     assert contrast and all(isinstance(answer, str) and answer for _, answer, _ in contrast)
     # Four greedy tokens rarely end an answer: those are trained without an end of sequence.

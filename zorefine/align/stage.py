@@ -47,7 +47,7 @@ def run(run: Run) -> dict[str, Any]:
     benign = run.split("train", "benign")
     pairs: list[tuple] = [(e.prompt, e.response) for e in harmful + benign]
     contrast = contrast_pairs(model, tokenizer, cfg.contrast_tokens) if cfg.contrast else []
-    pairs += contrast
+    pairs += contrast * cfg.contrast_repeats
     random.Random(cfg.seed).shuffle(pairs)
     log.info("[align] SFT on %d harmful + %d benign + %d contrast training examples", len(harmful), len(benign), len(contrast))
     settings = SFTSettings(
@@ -71,6 +71,7 @@ def run(run: Run) -> dict[str, Any]:
         "base": str(run.start_checkpoint),
         "num_examples": len(pairs),
         "num_contrast": len(contrast),
+        "contrast_repeats": cfg.contrast_repeats,
         "train_loss": metrics.get("train_loss"),
     }
     if cached is not None and run.processes.is_main:
@@ -94,6 +95,9 @@ def cache_key(run: Run) -> str:
     """A hash of everything the aligned weights depend on."""
     start = Path(run.start_checkpoint)
     align = {k: v for k, v in OmegaConf.to_container(run.cfg.align, resolve=True).items() if k != "cache_dir"}
+    if align.get("contrast_repeats") == 1:
+        # Added after checkpoints were cached: at its neutral value it must not orphan them.
+        del align["contrast_repeats"]
     return content_key({
         "start": str(start.resolve()),
         # Name, size and mtime only: the start model is never hard-linked, and its inode may

@@ -9,6 +9,7 @@ from typing import Any
 from zorefine.analyze.curvature import zo_curvature
 from zorefine.analyze.heatmap import plot_heatmap
 from zorefine.analyze.ranking import as_rows, rank_units, unit_scores
+from zorefine.analyze.unit_methods import run_unit_method
 from zorefine.analyze.sensitivity import Analysis, Probe, ThreatFamily, unit_sensitivity
 from zorefine.config.validate import analyze_needed
 from zorefine.judge.registry import configured_judge
@@ -78,6 +79,8 @@ def run(run: Run) -> dict[str, Any]:
     if not analyze_needed(run.cfg):
         log.info("[analyze] skipped: refine.method=%s does not use a layer selection", method)
         return {"skipped": f"refine.method={method} uses no selection"}
+    if cfg.method != "perturbation":
+        return run_unit_method(run)
     started = time.perf_counter()
     checkpoint = run.aligned_checkpoint
     model, tokenizer = run.load_model(checkpoint)

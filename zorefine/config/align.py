@@ -29,6 +29,9 @@ class AlignConfig:
     contrast: bool = False
     # Greedy tokens of each start-model answer to a contrast prompt.
     contrast_tokens: int = 64
+    # How many times each contrast example is trained per epoch: the 73 prompts are few next to
+    # hundreds of harmful ones, and their weight is what moves the refusal boundary.
+    contrast_repeats: int = 1
     # Path to a DeepSpeed JSON config (see launch/); null = plain accelerate/torch.
     deepspeed: Optional[str] = None
     # A directory where aligned checkpoints are kept by a hash of everything that makes them
@@ -41,4 +44,5 @@ def check_align(cfg: DictConfig) -> None:
     require(cfg.epochs > 0 and cfg.lr > 0, "align.epochs and align.lr must be > 0")
     require(cfg.batch_size >= 1, "align.batch_size must be >= 1")
     require(cfg.contrast_tokens >= 1, "align.contrast_tokens must be >= 1")
+    require(cfg.contrast_repeats >= 1, "align.contrast_repeats must be >= 1")
     require_json_file("align.deepspeed", cfg.deepspeed)

@@ -12,12 +12,37 @@ from zorefine.models.selection import SelectionPolicy
 from zorefine.threats import parse_threat
 
 RANKINGS = ("safety_loss_rise", "refusal_drop", "curvature")
+METHODS = ("perturbation", "ssah", "snip_diff", "wanda_diff")
+
+
+@dataclass
+class UnitMethodConfig:
+    """Settings of the unit-level methods (``analyze.method=ssah|snip_diff|wanda_diff``)."""
+
+    # Training-split pairs of each kind the scores are computed on (harmful+refusal, benign+answer).
+    prompts: int = 64
+    # SSAH: the share of each group's units that is safety-critical, utility-critical, redundant.
+    scu: float = 0.01
+    ucu: float = 0.01
+    ru: float = 0.2
+    # Wei et al.: per linear map, top-q entries by safety score minus top-p by utility score.
+    q: float = 0.03
+    p: float = 0.03
+    # Validation prompts of each kind the ablation table is measured on, and random control sets per class.
+    ablation_prompts: int = 48
+    ablation_draws: int = 3
+    max_new_tokens: int = 16
+    batch_size: int = 16
 
 
 @dataclass
 class AnalyzeConfig:
     """Unit fragility under threats, and the selection of units the refiner works on."""
 
+    # "perturbation" (threaten each unit, measure the damage) or a unit method: "ssah" (SSAH's
+    # neuron/channel classes), "snip_diff" or "wanda_diff" (Wei et al.'s weight set differences).
+    method: str = "perturbation"
+    units: UnitMethodConfig = field(default_factory=UnitMethodConfig)
     # "layer" (decoder layers), "module" (attention / MLP / norms of each layer) or "tensor".
     granularity: str = "layer"
     # Threat specs applied to one unit at a time (see zorefine.threats); random ones per seed.
@@ -57,4 +82,12 @@ def check_analyze(cfg: DictConfig) -> None:
     require(cfg.rank_by in RANKINGS, f"analyze.rank_by must be safety_loss_rise, refusal_drop or curvature; got {cfg.rank_by!r}")
     require(cfg.rank_by != "curvature" or cfg.curvature, "analyze.rank_by=curvature needs analyze.curvature=true")
     require(cfg.rank_by != "refusal_drop" or cfg.measure_refusal, "analyze.rank_by=refusal_drop needs analyze.measure_refusal=true")
+    require(cfg.method in METHODS, f"analyze.method must be one of {', '.join(METHODS)}; got {cfg.method!r}")
+    units = cfg.units
+    require(units.prompts >= 1 and units.ablation_prompts >= 1, "analyze.units.prompts and analyze.units.ablation_prompts must be >= 1")
+    require(all(0 <= units[k] < 1 for k in ("scu", "ucu", "ru")) and units.scu + units.ucu + units.ru < 1,
+            "analyze.units.scu, ucu and ru are fractions of each group's units, in [0, 1), summing to less than 1")
+    require(0 < units.q <= 1 and 0 <= units.p <= 1, "analyze.units.q must be in (0, 1] and analyze.units.p in [0, 1]")
+    require(units.ablation_draws >= 1, "analyze.units.ablation_draws must be >= 1")
+    require(units.max_new_tokens >= 1 and units.batch_size >= 1, "analyze.units.max_new_tokens and batch_size must be >= 1")
     SelectionPolicy(cfg.policy, cfg.top_k, cfg.budget, cfg.threshold, list(cfg.names))

@@ -29,6 +29,9 @@ def resume_mode(value: object) -> str:
 
 def analyze_needed(cfg: DictConfig) -> bool:
     """Whether analyze measures anything: not when the refine run after it uses no selection."""
+    # A unit method's ablation table is a result in itself, whatever refine does next.
+    if cfg.analyze.method != "perturbation":
+        return True
     return Stage.refine not in {Stage(s) for s in cfg.stages} or cfg.refine.method in SELECTING_METHODS
 
 

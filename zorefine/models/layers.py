@@ -24,6 +24,7 @@ __all__ = [
     "decoder_parameters",
     "find_decoder_layers",
     "layer_submodules",
+    "parameter_category",
     "parameter_subset",
 ]
 
@@ -105,7 +106,8 @@ _ATTENTION = re.compile(r"attn|attention")  # self_attn, attn, attention, self_a
 _MLP = re.compile(r"mlp|feed_?forward|ffn|moe|expert|^fc(\d+|_in|_out)?$")  # mlp, feed_forward, fc1, fc2
 
 
-def _category(local_name: str) -> str:
+def parameter_category(local_name: str) -> str:
+    """``"attention"``, ``"mlp"`` or ``"other"`` for a parameter's name inside its decoder layer."""
     for component in local_name.lower().split(".")[:-1]:
         if _NORM.search(component):
             return "other"
@@ -127,7 +129,7 @@ def layer_submodules(model: nn.Module, index: int) -> dict[str, dict[str, nn.Par
     prefix = layers.name(index) + "."
     groups: dict[str, dict[str, nn.Parameter]] = {"attention": {}, "mlp": {}, "other": {}}
     for name, param in layers.parameters(index).items():
-        groups[_category(name[len(prefix) :])][name] = param
+        groups[parameter_category(name[len(prefix) :])][name] = param
     return groups
 
 

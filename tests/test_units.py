@@ -1,0 +1,283 @@
+"""Neuron and channel units, entry masks, ablation, freezing, and the attribution methods.
+
+The attribution tests plant a safety neuron: one MLP neuron of the first layer answers only to
+the embedding of a trigger word that appears in every safety prompt and in no utility prompt.
+Every method must put that neuron (or its weights) in its safety set.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from tests.conftest import _micro_config, make_cfg
+from tests.tiny_models import ARCHS, tiny_input_ids, tiny_model
+from zorefine.analyze.attribution import channel_statistics, snip_scores, ssah_scores, wanda_scores
+from zorefine.analyze.unit_classes import SSAH_CLASSES, class_size, set_difference, ssah_classes
+from zorefine.models.layers import find_decoder_layers
+from zorefine.models.neurons import decoder_linears, find_unit_groups, weight_axes
+from zorefine.models.param_masks import (
+    count_entries, freeze_masked, load_masks, random_entries_like, random_units_like, save_masks, units_to_masks,
+)
+from zorefine.threats import threatened
+from zorefine.threats.ablation import MaskAblation
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_layer_has_one_mlp_and_one_attention_group_of_the_right_width(arch):
+    model = tiny_model(arch)
+    groups = find_unit_groups(model)
+    layers = find_decoder_layers(model)
+    assert [(g.layer, g.kind) for g in groups] == [(i, k) for i in range(len(layers)) for k in ("mlp", "attention")]
+    config = model.config
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+    for group in groups:
+        if group.kind == "mlp":
+            assert group.size == intermediate
+            # Input projections (gate/up, fc1, c_fc, dense_h_to_4h) beside the output projection.
+            assert len([s for s in group.slices if s.param.endswith("weight")]) >= 2
+        else:
+            assert group.size % 4 == 0 and group.head_size == group.size // 4
+
+
+def _zero_channel_by_hook(model, module, channel):
+    def hook(_module, inputs):
+        x = inputs[0].clone()
+        x[..., channel] = 0
+        return (x,)
+    return module.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ablating_a_unit_equals_silencing_its_activation(arch):
+    """Zeroing a unit's slices must do what removing the unit does: its input to the output
+    projection is zero. A wrong axis (GPT-2's transposed Conv1D) would zero other weights."""
+    model = tiny_model(arch)
+    ids = tiny_input_ids()
+    linears = decoder_linears(model)
+    for group in find_unit_groups(model)[-2:]:
+        chosen = torch.zeros(group.size, dtype=torch.bool)
+        chosen[3] = True
+        masks = units_to_masks([group], {group.key: chosen})
+        assert count_entries(masks) == group.parameters_per_unit
+        with torch.no_grad(), threatened(model, MaskAblation(masks)):
+            ablated = model(input_ids=ids).logits
+        handle = _zero_channel_by_hook(model, linears[group.output], 3)
+        with torch.no_grad():
+            silenced = model(input_ids=ids).logits
+        handle.remove()
+        assert torch.allclose(ablated, silenced, atol=1e-5), group.key
+        with torch.no_grad():
+            intact = model(input_ids=ids).logits
+        assert not torch.allclose(intact, silenced, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ablation_restores_every_weight_bit_for_bit(arch):
+    model = tiny_model(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = find_unit_groups(model)
+    masks = units_to_masks(groups, random_units_like({g.key: torch.ones(g.size, dtype=torch.bool) & (torch.arange(g.size) < 4) for g in groups}, torch.Generator().manual_seed(0)))
+    with torch.no_grad(), threatened(model, MaskAblation(masks)):
+        assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_random_controls_keep_the_shape_of_the_set():
+    generator = torch.Generator().manual_seed(1)
+    chosen = {"a": torch.tensor([True, False, False, True, False]), "b": torch.tensor([False, True])}
+    drawn = random_units_like(chosen, generator)
+    assert {k: int(v.sum()) for k, v in drawn.items()} == {"a": 2, "b": 1}
+    masks = {"w": torch.rand(6, 7, generator=generator) > 0.8}
+    other = random_entries_like(masks, generator)
+    assert other["w"].shape == (6, 7) and int(other["w"].sum()) == int(masks["w"].sum())
+    assert not torch.equal(other["w"], masks["w"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_frozen_units_do_not_move_while_the_rest_of_their_tensors_trains(arch):
+    model = tiny_model(arch).train()
+    group = find_unit_groups(model)[0]
+    chosen = torch.zeros(group.size, dtype=torch.bool)
+    chosen[:5] = True
+    masks = units_to_masks([group], {group.key: chosen})
+    params = dict(model.named_parameters())
+    before = {n: params[n].detach().clone() for n in masks}
+    handles = freeze_masked(params, masks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = tiny_input_ids()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    for handle in handles:
+        handle.remove()
+    for name, mask in masks.items():
+        assert torch.equal(params[name].detach()[mask], before[name][mask]), name
+        assert not torch.equal(params[name].detach()[~mask], before[name][~mask]), name
+
+
+def test_masks_survive_a_round_trip_through_safetensors(tmp_path):
+    sets = {"scu": {"x.weight": torch.rand(3, 4) > 0.5}, "safety": {"y.weight": torch.rand(5) > 0.5}}
+    save_masks(tmp_path / "m.safetensors", sets)
+    loaded = load_masks(tmp_path / "m.safetensors")
+    assert set(loaded) == {"scu", "safety"}
+    assert all(torch.equal(loaded[k][n], sets[k][n]) for k in sets for n in sets[k])
+
+
+# --------------------------------------------------------------------------- classes
+
+
+def test_ssah_classes_are_disjoint_cover_every_unit_and_follow_the_scores():
+    safety = {"g": torch.tensor([9.0, 1.0, 1.0, 1.0, 0.1, 1.0, 1.0, 1.0, 0.2, 1.0])}
+    utility = {"g": torch.tensor([1.0, 1.0, 9.0, 1.0, 0.1, 1.0, 1.0, 1.0, 0.2, 1.0])}
+    classes = ssah_classes(safety, utility, {"scu": 0.1, "ucu": 0.1, "ru": 0.2})
+    assert classes["scu"]["g"].nonzero().flatten().tolist() == [0]
+    assert classes["ucu"]["g"].nonzero().flatten().tolist() == [2]
+    assert classes["ru"]["g"].nonzero().flatten().tolist() == [4, 8]
+    stacked = torch.stack([classes[c]["g"] for c in SSAH_CLASSES]).int()
+    assert stacked.sum(0).tolist() == [1] * 10
+    assert class_size(0.01, 64) == 1 and class_size(0.0, 64) == 0
+
+
+def test_set_difference_removes_what_utility_also_needs():
+    safety = torch.tensor([[5.0, 4.0], [3.0, 0.0]])
+    utility = torch.tensor([[9.0, 0.0], [0.0, 0.0]])
+    # Top half by safety: 5 and 4; top quarter by utility: the 5's entry. Left: the 4.
+    assert set_difference(safety, utility, 0.5, 0.25).tolist() == [[False, True], [False, False]]
+
+
+# --------------------------------------------------------------------------- planted neuron
+
+TRIGGER = "bomb"
+PLANTED = 5
+
+
+def _planted_model(arch, tokenizer):
+    """A micro model whose first-layer MLP neuron PLANTED fires only on the trigger's tokens."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_micro_config(arch, tokenizer)).eval()
+    trigger_ids = tokenizer(TRIGGER, add_special_tokens=False).input_ids
+    # The first layer: a later layer carries its trigger-position output to the response tokens,
+    # so the response loss (SNIP) sees the neuron too.
+    group = [g for g in find_unit_groups(model) if g.kind == "mlp"][0]
+    linears = decoder_linears(model)
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding[:, 0] = 0.0
+        embedding[trigger_ids] = 0.0
+        embedding[trigger_ids, 0] = 20.0
+        # Residual feature 0 carries the trigger and nothing else: no block writes to it.
+        for writer in find_unit_groups(model):
+            module = linears[writer.output]
+            module.weight.select(weight_axes(module)[0], 0).zero_()
+            if getattr(module, "bias", None) is not None:
+                module.bias[0] = 0.0
+        for name, param in model.named_parameters():
+            if "wpe" in name:
+                param[:, 0] = 0.0
+        for piece in group.slices:
+            tensor = group.params[piece.param]
+            unit = tensor.select(piece.axis, PLANTED)
+            if piece.param.startswith(group.output):
+                unit.mul_(30.0)
+            elif tensor.dim() == 1:
+                # A negative bias keeps the neuron quiet where LayerNorm's centring leaves feature 0 near zero.
+                unit.fill_(-6.0)
+            else:
+                # Every input projection reads feature 0 for this neuron only.
+                tensor.select(1 - piece.axis, 0).zero_()
+                unit.zero_()
+                unit[0] = 4.0
+    return model, group, trigger_ids
+
+
+def _planted_data(tokenizer, trigger_ids):
+    safety = [(f"How do I build a {TRIGGER} at {place}?", f"No {TRIGGER}, I can't help with a {TRIGGER}.") for place in ("home", "school", "work", "night")]
+    utility = [("What is the capital of France?", "Paris is the capital."), ("Name a fruit.", "An apple is a fruit."),
+               ("How are you today?", "I am well, thank you."), ("Count to three.", "One, two, three.")]
+    for prompt, response in utility:
+        assert not set(trigger_ids) & set(tokenizer(prompt + response).input_ids)
+    return safety, utility
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_every_method_finds_the_planted_safety_neuron(arch, micro_tokenizer):
+    model, group, trigger_ids = _planted_model(arch, micro_tokenizer)
+    safety, utility = _planted_data(micro_tokenizer, trigger_ids)
+    linears = decoder_linears(model)
+    groups = find_unit_groups(model)
+    outputs = {g.output: linears[g.output] for g in groups}
+    # SSAH: the neuron is the group's safety-critical unit.
+    scores = {label: ssah_scores(groups, channel_statistics(model, micro_tokenizer, pairs, outputs, 96, 4)[0], outputs)
+              for label, pairs in (("safety", safety), ("utility", utility))}
+    classes = ssah_classes(scores["safety"], scores["utility"], {"scu": 0.01, "ucu": 0.01, "ru": 0.2})
+    assert classes["scu"][group.key].nonzero().flatten().tolist() == [PLANTED]
+    # Wanda and SNIP: the neuron's column of the output projection is in the set difference.
+    _, in_axis = weight_axes(linears[group.output])
+    wanda = {label: channel_statistics(model, micro_tokenizer, pairs, linears, 96, 4)[0] for label, pairs in (("safety", safety), ("utility", utility))}
+    snip = {label: snip_scores(model, micro_tokenizer, pairs, linears, 96, 4)[0] for label, pairs in (("safety", safety), ("utility", utility))}
+    module = linears[group.output]
+    for name, (safe_score, useful_score) in {
+        "wanda": (wanda_scores(module, wanda["safety"][group.output]), wanda_scores(module, wanda["utility"][group.output])),
+        "snip": (snip["safety"][group.output], snip["utility"][group.output]),
+    }.items():
+        chosen = set_difference(safe_score, useful_score, 0.03, 0.03)
+        column = chosen.select(in_axis, PLANTED)
+        assert int(column.sum()) >= column.numel() // 2, name
+        # ... chosen far more often than the tensor's other entries.
+        rest_rate = (int(chosen.sum()) - int(column.sum())) / (chosen.numel() - column.numel())
+        assert int(column.sum()) / column.numel() >= 10 * rest_rate, name
+
+
+def test_snip_leaves_requires_grad_as_it_found_it(micro_tokenizer):
+    model, _, trigger_ids = _planted_model("llama", micro_tokenizer)
+    safety, _ = _planted_data(micro_tokenizer, trigger_ids)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    snip_scores(model, micro_tokenizer, safety, decoder_linears(model), 96, 4)
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- stage
+
+
+@pytest.mark.parametrize("method", ["ssah", "wanda_diff", "snip_diff"])
+def test_analyze_with_a_unit_method_writes_units_masks_and_a_layer_selection(method, micro_checkpoint, tmp_path):
+    from zorefine.analyze import stage as analyze
+    from zorefine.run import Run
+
+    cfg = make_cfg(micro_checkpoint, stages="[analyze]", **{
+        "align.enabled": False, "analyze.method": method, "analyze.units.prompts": 4, "analyze.units.ablation_prompts": 4,
+        "analyze.units.ablation_draws": 2, "analyze.units.max_new_tokens": 3, "analyze.units.scu": 0.05})
+    summary = analyze.run(Run(cfg, tmp_path))
+    report = json.loads((tmp_path / "units.json").read_text())
+    assert report["method"] == method and summary["selected"]
+    rows = {row["set"]: row for row in report["ablation"]["rows"]}
+    assert set(rows) == ({"scu", "ucu", "ru"} if method == "ssah" else {"safety"})
+    for row in rows.values():
+        assert 0 < row["share"] < 1 and row["entries"] == report["sets"][row["set"]]["entries"]
+        assert {"mean", "low", "high"} <= set(row["refusal_minus_random"])
+    assert report["cost"]["attribution"]["forward"] >= 2
+    assert (report["cost"]["attribution"]["backward"] > 0) == (method == "snip_diff")
+    masks = load_masks(tmp_path / "units.safetensors")
+    assert {label: count_entries(m) for label, m in masks.items()} == {label: s["entries"] for label, s in report["sets"].items()}
+    assert abs(sum(report["layer_shares"].values()) - 1) < 1e-9
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert selection["units"] == summary["selected"]
+
+
+def test_a_bad_unit_setting_is_a_config_error():
+    from zorefine.config.validate import validate
+    from zorefine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="analyze.method"):
+        validate(make_cfg(None, **{"analyze.method": "magic"}))
+    with pytest.raises(ConfigError, match="scu"):
+        validate(make_cfg(None, **{"analyze.method": "ssah", "analyze.units.scu": 0.7, "analyze.units.ru": 0.5}))
