@@ -281,3 +281,87 @@ def test_a_bad_unit_setting_is_a_config_error():
         validate(make_cfg(None, **{"analyze.method": "magic"}))
     with pytest.raises(ConfigError, match="scu"):
         validate(make_cfg(None, **{"analyze.method": "ssah", "analyze.units.scu": 0.7, "analyze.units.ru": 0.5}))
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def _benign_pairs():
+    return [("Name a colour.", "Blue is a colour."), ("What is two plus two?", "Two plus two is four."),
+            ("Say hello.", "Hello there!"), ("Name an animal.", "A cat is an animal.")]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_finetune_attack_trains_keeps_frozen_entries_and_restores_exactly(arch, micro_tokenizer):
+    from zorefine.models.layers import decoder_parameters
+    from zorefine.threats import FineTuneAttack, parse_threat
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_micro_config(arch, micro_tokenizer)).eval()
+    attack = parse_threat("finetune:3:lr=1e-2:batch=2")
+    assert isinstance(attack, FineTuneAttack) and parse_threat(attack.spec) == attack
+    group = find_unit_groups(model)[0]
+    chosen = torch.zeros(group.size, dtype=torch.bool)
+    chosen[:4] = True
+    frozen = units_to_masks([group], {group.key: chosen})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    bound = attack.with_data(micro_tokenizer, _benign_pairs(), 64)
+    from dataclasses import replace
+    with threatened(model, replace(bound, frozen=frozen)):
+        params = dict(model.named_parameters())
+        moved = [n for n in decoder_parameters(model) if not torch.equal(params[n], before[n])]
+        assert moved, "the attack trained nothing"
+        for name, mask in frozen.items():
+            assert torch.equal(params[name].detach()[mask], before[name][mask])
+        # Only the decoder trains: what threatened() restores is all that moved.
+        assert all(torch.equal(params[n], before[n]) for n in params if n not in decoder_parameters(model))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()} and not model.training
+
+
+def test_an_unbound_finetune_attack_and_misplaced_specs_are_clear_errors(micro_tokenizer):
+    from zorefine.config.validate import validate
+    from zorefine.errors import ConfigError
+    from zorefine.threats import parse_threat
+
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="no training data"):
+        with threatened(model, parse_threat("finetune:2")):
+            pass
+    for bad in ("finetune:0", "finetune:2:lr=-1", "finetune:2:colour=red", "finetune"):
+        with pytest.raises(ConfigError):
+            parse_threat(bad)
+    with pytest.raises(ConfigError, match="evaluate threat only"):
+        validate(make_cfg(None, **{"analyze.threats": "[finetune:3]"}))
+    with pytest.raises(ConfigError, match="finetune:STEPS"):
+        validate(make_cfg(None, **{"analyze.method": "ssah", "analyze.units.finetune": "wnoise:0.1"}))
+
+
+def test_evaluate_runs_the_finetune_attack_on_the_benign_training_pairs(micro_checkpoint, tmp_path):
+    from zorefine.evaluate import stage as evaluate
+    from zorefine.run import Run
+
+    cfg = make_cfg(micro_checkpoint, stages="[evaluate]", **{"align.enabled": False, "evaluate.quantization": "[finetune:2:lr=1e-2:batch=2]"})
+    evaluate.run(Run(cfg, tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    conditions = {c["label"]: c for c in metrics["models"]["model"]["conditions"]}
+    attacked, clean = conditions["finetune:2:lr=1e-2:batch=2"], conditions["clean"]
+    # Two steps at a large rate move the losses: the threat really trained the model.
+    assert attacked["utility_loss"] != clean["utility_loss"]
+
+
+def test_ssah_analysis_compares_freezing_during_a_benign_finetune(micro_checkpoint, tmp_path):
+    from zorefine.analyze import stage as analyze
+    from zorefine.run import Run
+
+    cfg = make_cfg(micro_checkpoint, stages="[analyze]", **{
+        "align.enabled": False, "analyze.method": "ssah", "analyze.units.prompts": 4, "analyze.units.ablation_prompts": 4,
+        "analyze.units.ablation_draws": 1, "analyze.units.max_new_tokens": 3, "analyze.units.finetune": "finetune:2:lr=1e-2:batch=2"})
+    analyze.run(Run(cfg, tmp_path))
+    report = json.loads((tmp_path / "units.json").read_text())
+    rows = {row["frozen"]: row for row in report["freezing"]["rows"]}
+    assert set(rows) == {"nothing", "scu", "scu+cu"}
+    assert 0 < rows["scu"]["entries"] < rows["scu+cu"]["entries"]
+    assert {"mean", "low", "high"} <= set(rows["scu+cu"]["refusal_minus_full_finetune"])
+    assert report["cost"]["finetune_backward"] == 2 * 3

@@ -22,10 +22,10 @@ from zorefine.models.generation import generate_responses
 from zorefine.models.objectives import mean_response_nll
 from zorefine.models.param_masks import Masks, count_entries
 from zorefine.stats import hierarchical_bootstrap
-from zorefine.threats import threatened
+from zorefine.threats import Threat, threatened
 from zorefine.threats.ablation import MaskAblation
 
-__all__ = ["AblationProbe", "AblationOutcome", "ablate_and_measure", "validate_sets"]
+__all__ = ["AblationProbe", "AblationOutcome", "ablate_and_measure", "measure_under", "validate_sets"]
 
 
 @dataclass
@@ -66,8 +66,12 @@ def _refusals(model, tokenizer, judge: RefusalJudge, prompts: Sequence[str], pro
 
 def ablate_and_measure(model, tokenizer, judge: RefusalJudge, probe: AblationProbe, masks: Masks | None) -> AblationOutcome:
     """The outcome with ``masks`` zeroed (``None``: the intact model); weights restored after."""
-    threat = [MaskAblation(masks)] if masks else []
-    with threatened(model, threat):
+    return measure_under(model, tokenizer, judge, probe, [MaskAblation(masks)] if masks else [])
+
+
+def measure_under(model, tokenizer, judge: RefusalJudge, probe: AblationProbe, threats: Sequence[Threat]) -> AblationOutcome:
+    """The outcome under ``threats`` (none: the intact model); weights restored after."""
+    with threatened(model, list(threats)):
         return AblationOutcome(
             _refusals(model, tokenizer, judge, probe.harmful, probe),
             _refusals(model, tokenizer, judge, probe.safe, probe),

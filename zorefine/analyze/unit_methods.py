@@ -7,7 +7,8 @@ prompts against random sets of the same shape (:mod:`zorefine.analyze.ablation`)
 
 - ``units.json``: the method, its data, its cost in forward and backward passes, every class's
   size and share of the decoder's parameters, the ablation table and each layer's share of the
-  safety set;
+  safety set, and (with ``analyze.units.finetune``) the freezing comparison: refusal after a benign
+  fine-tune with nothing, the safety set, or (SSAH) SCU+CU frozen (:mod:`zorefine.analyze.freezing`);
 - ``units.safetensors``: the entry masks of every class (:func:`zorefine.models.param_masks.load_masks`);
 - ``selection.json``: the decoder layers holding the largest share of the safety set, chosen by
   the configured selection policy, so a ZO refinement after it has layers to work on.
@@ -23,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from zorefine.analyze.ablation import AblationProbe, validate_sets
+from zorefine.analyze.freezing import freeze_comparison
 from zorefine.analyze.attribution import Passes, channel_statistics, snip_scores, ssah_scores, wanda_scores
 from zorefine.analyze.sensitivity import ForwardCounter
 from zorefine.analyze.unit_classes import SSAH_CLASSES, set_difference, ssah_classes
@@ -30,10 +32,13 @@ from zorefine.judge.registry import configured_judge
 from zorefine.models.layers import decoder_parameters, find_decoder_layers
 from zorefine.models.loading import write_json_atomic
 from zorefine.models.neurons import decoder_linears, find_unit_groups
-from zorefine.models.param_masks import Masks, count_entries, random_entries_like, random_units_like, save_masks, units_to_masks
+from zorefine.models.param_masks import (
+    Masks, count_entries, random_entries_like, random_units_like, save_masks, union_masks, units_to_masks,
+)
 from zorefine.models.selection import Selection, SelectionPolicy, select_units
 from zorefine.models.units import discover_units
 from zorefine.run import SELECTION_FILE, Run
+from zorefine.threats import parse_threat
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,13 @@ class UnitSets:
     random_like: dict[str, Callable[[torch.Generator], Masks]]
     # The set that carries safety (ablated to break refusal, frozen to keep it).
     safety_set: str
+    # What the freezing comparison keeps fixed during a benign fine-tune, by label.
+    freeze: dict[str, Masks] = field(default_factory=dict)
     passes: Passes = field(default_factory=Passes)
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _pairs(run: Run, kind: str, limit: int) -> list[Pair]:
+def _pairs(run: Run, kind: str, limit: int | None) -> list[Pair]:
     return [(e.prompt, e.response) for e in run.split("train", kind, limit=limit)]
 
 
@@ -77,7 +84,8 @@ def ssah_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[Pair
     details = {"units": {name: int(sum(int(m.sum()) for m in classes[name].values())) for name in SSAH_CLASSES},
                "groups": len(groups), "fractions": {"scu": cfg.scu, "ucu": cfg.ucu, "ru": cfg.ru}}
     # CU is most of the model: ablating it measures nothing about safety and costs a full row.
-    return UnitSets({k: v for k, v in sets.items() if k != "cu"}, random_like, "scu", passes, details)
+    freeze = {"scu": sets["scu"], "scu+cu": union_masks(sets["scu"], sets["cu"])}
+    return UnitSets({k: v for k, v in sets.items() if k != "cu"}, random_like, "scu", freeze, passes, details)
 
 
 def difference_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[Pair], score: str) -> UnitSets:
@@ -94,7 +102,8 @@ def difference_sets(run: Run, model, tokenizer, safety: list[Pair], utility: lis
         passes.add(spent)
     masks = {f"{name}.weight": set_difference(scores["safety"][name], scores["utility"][name], cfg.q, cfg.p) for name in linears}
     masks = {name: mask for name, mask in masks.items() if bool(mask.any())}
-    return UnitSets({"safety": masks}, {"safety": lambda g: random_entries_like(masks, g)}, "safety", passes, {"q": cfg.q, "p": cfg.p, "score": score})
+    return UnitSets({"safety": masks}, {"safety": lambda g: random_entries_like(masks, g)}, "safety", {"safety": masks}, passes,
+                    {"q": cfg.q, "p": cfg.p, "score": score})
 
 
 def find_sets(run: Run, model, tokenizer) -> UnitSets:
@@ -151,6 +160,10 @@ def run_unit_method(run: Run) -> dict[str, Any]:
     with ForwardCounter(model) as counter:
         ablation = validate_sets(model, tokenizer, judge, ablation_probe(run), found.sets, found.random_like, total,
                                  draws=cfg.units.ablation_draws, seed=run.cfg.seed)
+        freezing = None
+        if cfg.units.finetune:
+            attack = parse_threat(cfg.units.finetune).with_data(tokenizer, _pairs(run, "benign", None), run.cfg.data.max_length)
+            freezing = freeze_comparison(model, tokenizer, judge, ablation_probe(run), attack, found.freeze, total)
     shares = layer_shares(model, found.sets[found.safety_set])
     selection = layer_selection(run, model, shares)
     seconds = round(time.perf_counter() - started, 1)
@@ -164,10 +177,14 @@ def run_unit_method(run: Run) -> dict[str, Any]:
         "decoder_parameters": total,
         "sets": {label: {"entries": count_entries(m), "share": count_entries(m) / total} for label, m in found.sets.items()},
         "ablation": ablation,
+        "freezing": freezing,
         "layer_shares": shares,
         "selected": selection.units,
         "cost": {"attribution": {"forward": found.passes.forward, "backward": found.passes.backward},
-                 "ablation_forward_calls": counter.count, "seconds": seconds},
+                 "ablation_forward_calls": counter.count,
+                 # Each fine-tune variant: one backward per step (its forwards are in the count above).
+                 "finetune_backward": parse_threat(cfg.units.finetune).steps * (1 + len(found.freeze)) if cfg.units.finetune else 0,
+                 "seconds": seconds},
     }
     if run.processes.is_main:
         save_masks(run.run_dir / MASKS_FILE, found.sets)
@@ -177,5 +194,7 @@ def run_unit_method(run: Run) -> dict[str, Any]:
         log.info("[analyze] %s %s: %.2f%% of decoder parameters, refusal %.3f (random %.3f), utility loss %.3f (random %.3f)%s",
                  cfg.method, row["set"], 100 * row["share"], row["refusal"], row["random"]["refusal"], row["utility_loss"],
                  row["random"]["utility_loss"], "" if row["breaks_refusal_beyond_random"] else " — not beyond random")
+    for row in (freezing or {}).get("rows", []):
+        log.info("[analyze] %s, frozen %s: refusal %.3f, utility loss %.3f", cfg.units.finetune, row["frozen"], row["refusal"], row["utility_loss"])
     return {"checkpoint": str(checkpoint), "method": cfg.method, "selected": selection.units, "units": str(run.run_dir / UNITS_FILE),
             "forward_passes": found.passes.forward + counter.count, "backward_passes": found.passes.backward, "seconds": seconds}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from omegaconf import DictConfig
 
@@ -33,6 +33,9 @@ class UnitMethodConfig:
     ablation_draws: int = 3
     max_new_tokens: int = 16
     batch_size: int = 16
+    # A finetune threat spec (e.g. "finetune:20:lr=1e-4"): compare refusal after that benign
+    # fine-tune with nothing frozen, the safety set frozen and (SSAH) SCU+CU frozen. null = off.
+    finetune: Optional[str] = None
 
 
 @dataclass
@@ -74,7 +77,8 @@ def check_analyze(cfg: DictConfig) -> None:
     require(cfg.granularity in ("layer", "module", "tensor"), "analyze.granularity must be layer, module or tensor")
     require(len(cfg.threats) > 0, "analyze.threats: give at least one threat spec, e.g. [wnoise:0.5]")
     for spec in cfg.threats:
-        parse_threat(spec)  # a bad spec fails here, before any model is loaded
+        # A bad spec fails here, before any model is loaded.
+        require(not hasattr(parse_threat(spec), "with_data"), f"analyze.threats: {spec!r} is a fine-tuning attack, an evaluate threat only")
     require(cfg.seeds >= 1, "analyze.seeds must be >= 1")
     require(cfg.num_prompts >= 1, "analyze.num_prompts must be >= 1")
     require(cfg.num_benign >= 0, "analyze.num_benign must be >= 0")
@@ -89,5 +93,7 @@ def check_analyze(cfg: DictConfig) -> None:
             "analyze.units.scu, ucu and ru are fractions of each group's units, in [0, 1), summing to less than 1")
     require(0 < units.q <= 1 and 0 <= units.p <= 1, "analyze.units.q must be in (0, 1] and analyze.units.p in [0, 1]")
     require(units.ablation_draws >= 1, "analyze.units.ablation_draws must be >= 1")
+    if units.finetune is not None:
+        require(hasattr(parse_threat(units.finetune), "with_data"), f"analyze.units.finetune must be a finetune:STEPS spec, got {units.finetune!r}")
     require(units.max_new_tokens >= 1 and units.batch_size >= 1, "analyze.units.max_new_tokens and batch_size must be >= 1")
     SelectionPolicy(cfg.policy, cfg.top_k, cfg.budget, cfg.threshold, list(cfg.names))

@@ -134,7 +134,8 @@ def check_refine(cfg: DictConfig) -> None:
         "refine.objective_threat cannot be combined with refine.deepspeed (a threat writes whole weights; partitions hold slices)",
     )
     if cfg.objective_threat is not None:
-        parse_threat(cfg.objective_threat)
+        require(not hasattr(parse_threat(cfg.objective_threat), "with_data"),
+                "refine.objective_threat cannot be a finetune attack: ZO reads the loss of a fixed perturbed model")
     require(cfg.unit_schedule in UNIT_SCHEDULES, "refine.unit_schedule must be 'joint' or 'curvature'")
     for key in ("lr_schedule", "eps_schedule"):
         require(cfg[key] in SCHEDULES, f"refine.{key} must be constant, linear or cosine")

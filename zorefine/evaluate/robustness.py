@@ -86,6 +86,11 @@ def threat_grid(sigmas: Sequence[float], seeds: int, quantization: Sequence[str]
     return grid
 
 
+def with_training_data(grid: Sequence[Condition], tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> list[Condition]:
+    """The grid with every threat that trains (the fine-tuning attack) bound to ``pairs``."""
+    return [replace(c, threat=c.threat.with_data(tokenizer, pairs, max_length)) if hasattr(c.threat, "with_data") else c for c in grid]
+
+
 def subsample(items: Sequence, limit: int, seed: int = 0) -> list:
     """A seeded, order-preserving subset (files are often grouped by type; the head is biased)."""
     if len(items) <= limit:

@@ -36,6 +36,7 @@ from zorefine.evaluate.robustness import (
     subsample,
     summarize,
     threat_grid,
+    with_training_data,
 )
 from zorefine.zo.trajectory import environment
 
@@ -116,6 +117,8 @@ def _evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets:
     model, tokenizer = run.load_model(checkpoint)
     # Validation and test draw from their own noise streams: nothing tuned on val saw a test draw.
     grid = threat_grid(cfg.sigmas, cfg.seeds, cfg.quantization, stream=cfg.split)
+    # The fine-tuning attack trains on what a user would: the benign training pairs.
+    grid = with_training_data(grid, tokenizer, [(e.prompt, e.response) for e in run.split("train", "benign")], run.cfg.data.max_length)
     results = evaluate_grid(
         model, tokenizer, sets, configured_judge(cfg.judge, cfg.judge_path), grid, cfg.max_new_tokens, cfg.batch_size,
         run.cfg.data.max_length, desc=f"evaluate {name}", clean_sets=clean_sets, fluency_max_nll=cfg.fluency_max_nll,

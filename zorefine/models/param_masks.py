@@ -27,6 +27,7 @@ __all__ = [
     "random_entries_like",
     "random_units_like",
     "save_masks",
+    "union_masks",
     "units_to_masks",
 ]
 
@@ -43,6 +44,15 @@ def units_to_masks(groups: Sequence[UnitGroup], chosen: Mapping[str, torch.Tenso
         for piece in group.slices:
             masks[piece.param] = group.unit_entries(piece.param, units.bool()).clone()
     return masks
+
+
+def union_masks(*sets: Mapping[str, torch.Tensor]) -> Masks:
+    """Every entry any of ``sets`` covers."""
+    merged: Masks = {}
+    for masks in sets:
+        for name, mask in masks.items():
+            merged[name] = merged[name] | mask.bool() if name in merged else mask.bool().clone()
+    return merged
 
 
 def count_entries(masks: Mapping[str, torch.Tensor]) -> int:

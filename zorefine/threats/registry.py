@@ -10,6 +10,8 @@ Spec language (:func:`parse_threat`), used in configs::
     aquant:a8|a6|a4[:pPCT]              per-token activation quantization of the decoder's linear
                                         inputs (scale from absmax, or the PCT percentile: clipped)
     w8a8|w4a8|w4a4[:gN][:pPCT]          RTN weights (per channel or groups of N) + quantized activations
+    finetune:STEPS[:lr=X][:batch=N]     the fine-tuning attack: STEPS AdamW steps on the run's
+                                        benign training pairs (default lr 1e-4, batch 8)
 
 To add a threat family: write its class in its own module, a ``_parse_<kind>`` here, one
 branch in :func:`parse_threat`, and its form in ``_SPEC_HELP``.
@@ -24,6 +26,7 @@ from zorefine.threats.activation_noise import ActivationNoise
 from zorefine.threats.activation_quantization import ActivationQuantization, WeightActivationQuantization
 from zorefine.threats.base import Threat
 from zorefine.threats.bnb import _BNB_SCHEMES, BnbQuantization
+from zorefine.threats.finetune import FineTuneAttack
 from zorefine.threats.quantization import RTNQuantization
 from zorefine.threats.weight_noise import WeightNoise
 
@@ -38,7 +41,8 @@ _SPEC_HELP = (
     "'rtn:int8|int4[:gN]' (e.g. rtn:int8, rtn:int4:g128), "
     "'bnb:int8|nf4|fp4[:bN][:dq]' (e.g. bnb:nf4, bnb:fp4:b128), "
     "'aquant:a8|a6|a4[:pPCT]' (e.g. aquant:a8, aquant:a4:p99.9), "
-    "'w8a8|w4a8|w4a4[:gN][:pPCT]' (e.g. w8a8, w4a4:g64:p99.9)"
+    "'w8a8|w4a8|w4a4[:gN][:pPCT]' (e.g. w8a8, w4a4:g64:p99.9), "
+    "'finetune:STEPS[:lr=X][:batch=N]' (e.g. finetune:20:lr=1e-4)"
 )
 
 
@@ -211,12 +215,29 @@ def _parse_weight_activation(spec: str, kind: str, positional: list[str], option
         raise _spec_error(spec, str(exc)) from None
 
 
+def _parse_finetune(spec: str, positional: list[str], options: dict[str, str]) -> Threat:
+    _reject_unknown(spec, options, {"steps", "lr", "batch"})
+    if len(positional) > 1 or (positional and "steps" in options):
+        raise _spec_error(spec, "finetune takes one STEPS field")
+    steps_text = options.get("steps", positional[0] if positional else None)
+    if steps_text is None:
+        raise _spec_error(spec, "finetune needs a number of steps")
+    try:
+        return FineTuneAttack(
+            steps=_parse_int(spec, steps_text, "steps"),
+            lr=_parse_number(spec, options.get("lr", "1e-4"), "lr"),
+            batch_size=_parse_int(spec, options.get("batch", "8"), "batch"),
+        )
+    except ConfigError as exc:
+        raise _spec_error(spec, str(exc)) from None
+
+
 def parse_threat(spec: str) -> Threat:
     """Build a threat from a config spec such as ``"wnoise:0.05"`` or ``"rtn:int4:g128"``.
 
     Forms: ``wnoise:SIGMA[:MODE][:seed=N]``, ``anoise:SIGMA[:MODE][:seed=N]``,
     ``rtn:int8|int4[:gN]``, ``bnb:int8|nf4|fp4[:bN][:dq]``, ``aquant:a8|a6|a4[:pPCT]``,
-    ``w8a8|w4a8|w4a4[:gN][:pPCT]``; MODE is absolute, relative
+    ``w8a8|w4a8|w4a4[:gN][:pPCT]``, ``finetune:STEPS[:lr=X][:batch=N]``; MODE is absolute, relative
     (default) or multiplicative. Every threat's ``spec`` property parses back to an equal
     threat. Raises :class:`ConfigError` listing the valid forms on a bad spec.
     """
@@ -233,4 +254,6 @@ def parse_threat(spec: str) -> Threat:
         return _parse_aquant(spec, positional, options)
     if _WA_KIND.fullmatch(kind):
         return _parse_weight_activation(spec, kind, positional, options)
+    if kind == "finetune":
+        return _parse_finetune(spec, positional, options)
     raise _spec_error(spec, f"unknown threat kind {kind!r}")
