@@ -365,3 +365,33 @@ def test_ssah_analysis_compares_freezing_during_a_benign_finetune(micro_checkpoi
     assert 0 < rows["scu"]["entries"] < rows["scu+cu"]["entries"]
     assert {"mean", "low", "high"} <= set(rows["scu+cu"]["refusal_minus_full_finetune"])
     assert report["cost"]["finetune_backward"] == 2 * 3
+
+
+def test_align_can_train_only_the_redundant_units(micro_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from zorefine.align import stage as align
+    from zorefine.analyze import stage as analyze
+    from zorefine.errors import ConfigError
+    from zorefine.run import Run
+
+    analysis = tmp_path / "analysis"
+    analyze.run(Run(make_cfg(micro_checkpoint, stages="[analyze]", **{
+        "align.enabled": False, "analyze.method": "ssah", "analyze.units.prompts": 4, "analyze.units.ablation_prompts": 2,
+        "analyze.units.ablation_draws": 1, "analyze.units.max_new_tokens": 2}), analysis))
+    units_file = analysis / "units.safetensors"
+    ru = load_masks(units_file)["ru"]
+    cfg = make_cfg(micro_checkpoint, stages="[align]", **{"align.units_file": str(units_file), "align.units_set": "ru", "align.lr": 1e-2})
+    summary = align.run(Run(cfg, tmp_path / "aligned"))
+    start = load_file(str(micro_checkpoint / "model.safetensors"))
+    aligned = load_file(str(tmp_path / "aligned" / "checkpoints" / "aligned" / "model.safetensors"))
+    assert summary["enabled"]
+    for name, before in start.items():
+        after = aligned[name]
+        if name in ru:
+            assert torch.equal(after[~ru[name]], before[~ru[name]]), name
+            assert not torch.equal(after[ru[name]], before[ru[name]]), name
+        else:
+            assert torch.equal(after, before), name
+    with pytest.raises(ConfigError, match="not in"):
+        align.run(Run(make_cfg(micro_checkpoint, stages="[align]", **{"align.units_file": str(units_file), "align.units_set": "nope"}), tmp_path / "bad"))

@@ -21,7 +21,9 @@ from zorefine.models.generation import generate_with_ends
 from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, file_digest
 from zorefine.distributed.partitions import gathered
 from zorefine.run import ALIGNED_DIR, Run
+from zorefine.models.param_masks import count_entries, load_masks
 from zorefine.models.sft import SFTSettings, run_sft
+from zorefine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,10 @@ def run(run: Run) -> dict[str, Any]:
         seed=cfg.seed,
         deepspeed=cfg.deepspeed,
     )
-    metrics = run_sft(model, tokenizer, pairs, settings)
+    trainable = unit_set(cfg.units_file, cfg.units_set) if cfg.units_file else None
+    if trainable is not None:
+        log.info("[align] training only the %s units of %s: %d entries", cfg.units_set, cfg.units_file, count_entries(trainable))
+    metrics = run_sft(model, tokenizer, pairs, settings, trainable=trainable)
     info = {"stage": "align", "base": str(run.start_checkpoint), "train_metrics": metrics}
     # Under ZeRO-3 the trained weights are partitioned: gather them to save one whole checkpoint.
     with gathered(model):
@@ -79,6 +84,14 @@ def run(run: Run) -> dict[str, Any]:
     return {**summary, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def unit_set(path: str, label: str) -> dict[str, torch.Tensor]:
+    """The entry masks of one set of a ``units.safetensors`` file."""
+    sets = load_masks(Path(path))
+    if label not in sets:
+        raise ConfigError(f"align.units_set={label!r} is not in {path}; it holds {sorted(sets)}")
+    return sets[label]
+
+
 def contrast_pairs(model, tokenizer, max_new_tokens: int) -> list[tuple[str, str, bool]]:
     """The shipped contrast prompts with the start model's own greedy answers (cut ones marked)."""
     prompts = load_contrast_prompts()
@@ -95,10 +108,13 @@ def cache_key(run: Run) -> str:
     """A hash of everything the aligned weights depend on."""
     start = Path(run.start_checkpoint)
     align = {k: v for k, v in OmegaConf.to_container(run.cfg.align, resolve=True).items() if k != "cache_dir"}
-    if align.get("contrast_repeats") == 1:
-        # Added after checkpoints were cached: at its neutral value it must not orphan them.
-        del align["contrast_repeats"]
-    return content_key({
+    for key, neutral in (("contrast_repeats", 1), ("units_set", "ru")):
+        # Added after checkpoints were cached: at their neutral values they must not orphan them.
+        if align.get(key) == neutral:
+            del align[key]
+    # The unit file's content (its digest, below) decides the weights, not where it lies.
+    align.pop("units_file", None)
+    identity = {
         "start": str(start.resolve()),
         # Name, size and mtime only: the start model is never hard-linked, and its inode may
         # change when a cache directory is copied between machines.
@@ -109,7 +125,10 @@ def cache_key(run: Run) -> str:
         "max_length": run.cfg.data.max_length,
         "dtype": run.cfg.model.dtype,
         "torch": torch.__version__,
-    })
+    }
+    if run.cfg.align.units_file:
+        identity["units"] = file_digest(run.cfg.align.units_file)
+    return content_key(identity)
 
 
 def _link_tree(source: Path, target: Path) -> None:

@@ -32,6 +32,10 @@ class AlignConfig:
     # How many times each contrast example is trained per epoch: the 73 prompts are few next to
     # hundreds of harmful ones, and their weight is what moves the refusal boundary.
     contrast_repeats: int = 1
+    # Train only one unit set (e.g. SSAH's redundant units, "ru") of a units.safetensors written by
+    # analyze with a unit method; everything else stays fixed. null = train every weight.
+    units_file: Optional[str] = None
+    units_set: str = "ru"
     # Path to a DeepSpeed JSON config (see launch/); null = plain accelerate/torch.
     deepspeed: Optional[str] = None
     # A directory where aligned checkpoints are kept by a hash of everything that makes them
@@ -46,3 +50,9 @@ def check_align(cfg: DictConfig) -> None:
     require(cfg.contrast_tokens >= 1, "align.contrast_tokens must be >= 1")
     require(cfg.contrast_repeats >= 1, "align.contrast_repeats must be >= 1")
     require_json_file("align.deepspeed", cfg.deepspeed)
+    if cfg.units_file is not None:
+        from pathlib import Path
+
+        require(Path(cfg.units_file).is_file(), f"align.units_file {cfg.units_file} does not exist (analyze with a unit method writes units.safetensors)")
+        require(cfg.weight_decay == 0, "align.units_file needs align.weight_decay=0: weight decay would move the frozen entries")
+        require(cfg.deepspeed is None, "align.units_file cannot be combined with align.deepspeed (partitions hold slices the masks do not)")

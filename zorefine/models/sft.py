@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from zorefine.data.formatting import SFTCollator, encode_example
+from zorefine.errors import ConfigError
+from zorefine.models.param_masks import freeze_masked
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,18 @@ def run_sft(
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[tuple[str, str] | tuple[str, str, bool]],
     settings: SFTSettings,
+    trainable: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``pairs`` and return the Trainer's training metrics.
 
     A third element ``False`` marks a response that was cut (a greedy answer at its token
-    limit): no end of sequence is taught after it.
+    limit): no end of sequence is taught after it. ``trainable`` (entry masks, e.g. SSAH's
+    redundant units) trains only those entries: every other parameter is frozen, and so is every
+    unmasked entry of a masked tensor.
     """
+    if trainable is not None:
+        with only_entries_trainable(model, trainable, settings.weight_decay):
+            return run_sft(model, tokenizer, pairs, settings)
     dataset = [
         encode_example(tokenizer, pair[0], pair[1], settings.max_length, settings.train_on_prompt,
                        ends=pair[2] if len(pair) > 2 else True)
@@ -93,3 +102,23 @@ def run_sft(
             hf_logging.set_verbosity(previous_verbosity)
             model.eval()
     return {key: float(value) for key, value in result.metrics.items() if isinstance(value, (int, float))}
+
+
+@contextmanager
+def only_entries_trainable(model: PreTrainedModel, trainable: Mapping[str, torch.Tensor], weight_decay: float) -> Iterator[None]:
+    """Within the block, only the entries ``trainable`` marks receive gradients."""
+    if weight_decay:
+        # Decoupled weight decay shrinks every entry the optimizer holds, gradient or not.
+        raise ConfigError("training a unit set needs weight_decay=0: weight decay would move the frozen entries")
+    params = dict(model.named_parameters())
+    flags = {name: p.requires_grad for name, p in params.items()}
+    for name, param in params.items():
+        param.requires_grad_(name in trainable)
+    handles = freeze_masked(params, {name: ~mask.bool() for name, mask in trainable.items()})
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, param in params.items():
+            param.requires_grad_(flags[name])
