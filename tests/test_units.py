@@ -248,24 +248,26 @@ def test_snip_leaves_requires_grad_as_it_found_it(micro_tokenizer):
 # --------------------------------------------------------------------------- stage
 
 
-@pytest.mark.parametrize("method", ["ssah", "wanda_diff", "snip_diff"])
+@pytest.mark.parametrize("method", ["ssah", "wanda_diff", "snip_diff", "safeseek"])
 def test_analyze_with_a_unit_method_writes_units_masks_and_a_layer_selection(method, micro_checkpoint, tmp_path):
     from zorefine.analyze import stage as analyze
     from zorefine.run import Run
 
     cfg = make_cfg(micro_checkpoint, stages="[analyze]", **{
         "align.enabled": False, "analyze.method": method, "analyze.units.prompts": 4, "analyze.units.ablation_prompts": 4,
-        "analyze.units.ablation_draws": 2, "analyze.units.max_new_tokens": 3, "analyze.units.scu": 0.05})
+        "analyze.units.ablation_draws": 2, "analyze.units.max_new_tokens": 3, "analyze.units.scu": 0.05,
+        # A cheap circuit search that removes some units (a random micro model has no refusal to protect).
+        "analyze.units.circuit_steps": 5, "analyze.units.circuit_lr": 1.0, "analyze.units.circuit_sparsity": 0.0})
     summary = analyze.run(Run(cfg, tmp_path))
     report = json.loads((tmp_path / "units.json").read_text())
     assert report["method"] == method and summary["selected"]
     rows = {row["set"]: row for row in report["ablation"]["rows"]}
-    assert set(rows) == ({"scu", "ucu", "ru"} if method == "ssah" else {"safety"})
+    assert set(rows) == {"ssah": {"scu", "ucu", "ru"}, "safeseek": {"circuit"}}.get(method, {"safety"})
     for row in rows.values():
         assert 0 < row["share"] < 1 and row["entries"] == report["sets"][row["set"]]["entries"]
         assert {"mean", "low", "high"} <= set(row["refusal_minus_random"])
     assert report["cost"]["attribution"]["forward"] >= 2
-    assert (report["cost"]["attribution"]["backward"] > 0) == (method == "snip_diff")
+    assert (report["cost"]["attribution"]["backward"] > 0) == (method in ("snip_diff", "safeseek"))
     masks = load_masks(tmp_path / "units.safetensors")
     assert {label: count_entries(m) for label, m in masks.items()} == {label: s["entries"] for label, s in report["sets"].items()}
     assert abs(sum(report["layer_shares"].values()) - 1) < 1e-9
@@ -395,3 +397,53 @@ def test_align_can_train_only_the_redundant_units(micro_checkpoint, tmp_path):
             assert torch.equal(after, before), name
     with pytest.raises(ConfigError, match="not in"):
         align.run(Run(make_cfg(micro_checkpoint, stages="[align]", **{"align.units_file": str(units_file), "align.units_set": "nope"}), tmp_path / "bad"))
+
+
+# --------------------------------------------------------------------------- SafeSeek
+
+
+def test_the_circuit_search_removes_what_the_refusals_need_and_its_price_keeps_it_small(micro_tokenizer):
+    from zorefine.analyze.safeseek import find_circuit
+    from zorefine.models.objectives import encode_batch, response_nll
+
+    from zorefine.models.finetune import finetune_steps
+
+    model, _, trigger_ids = _planted_model("llama", micro_tokenizer)
+    safety, utility = _planted_data(micro_tokenizer, trigger_ids)
+    # A micro model that refuses: the search needs refusals that are likely to begin with.
+    finetune_steps(model, micro_tokenizer, safety + utility, dict(model.named_parameters()), steps=40, lr=1e-2, batch_size=8, max_length=96)
+    groups = find_unit_groups(model)
+    linears = decoder_linears(model)
+    outputs = {g.output: linears[g.output] for g in groups}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    found = find_circuit(model, micro_tokenizer, groups, outputs, safety, utility, steps=40, lr=0.5, sparsity=0.02, batch_size=4, max_length=96)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "the search must not train the weights"
+    assert all(m.dtype == torch.bool for m in found.circuit.values())
+    # Heads are searched as heads: an attention group's mask has one entry per head.
+    assert all(found.circuit[g.key].numel() == (4 if g.kind == "attention" else g.size) for g in groups)
+    masks = units_to_masks(groups, found.channels(groups))
+    assert count_entries(masks) > 0
+    batches = {"safety": encode_batch(micro_tokenizer, safety, 96), "utility": encode_batch(micro_tokenizer, utility, 96)}
+
+    def losses(masks):
+        with torch.no_grad(), threatened(model, MaskAblation(masks) if masks else []):
+            return {kind: float(response_nll(model, batch)) for kind, batch in batches.items()}
+
+    def specificity(ablated, intact):
+        # How much more the refusals suffer than the benign answers.
+        return (ablated["safety"] - intact["safety"]) / max(ablated["utility"] - intact["utility"], 0.05)
+
+    intact, ablated = losses(None), losses(masks)
+    # With the circuit removed the refusals are far less likely, the benign answers hardly less,
+    # and far more selectively so than with as many random heads and neurons removed (a random
+    # micro-model unit often carries everything at once).
+    assert ablated["safety"] > 2 * intact["safety"]
+    generator = torch.Generator().manual_seed(0)
+    widths = {g.key: (g.head_size if g.kind == "attention" else 1) for g in groups}
+    for _ in range(3):
+        drawn = random_units_like(found.circuit, generator)
+        control = losses(units_to_masks(groups, {k: v.repeat_interleave(widths[k]) for k, v in drawn.items()}))
+        assert specificity(control, intact) < specificity(ablated, intact)
+    # A high price per removed unit keeps every unit.
+    costly = find_circuit(model, micro_tokenizer, groups, outputs, safety, utility, steps=10, lr=0.05, sparsity=1e4, batch_size=4, max_length=96)
+    assert not any(bool(m.any()) for m in costly.circuit.values())

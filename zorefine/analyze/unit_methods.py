@@ -1,9 +1,10 @@
-"""The unit-level analyzers: SSAH classes and Wei et al.'s SNIP / Wanda set differences.
+"""The unit-level analyzers: SSAH classes, Wei et al.'s SNIP / Wanda set differences, SafeSeek circuits.
 
-``analyze.method=ssah|snip_diff|wanda_diff`` scores units (or weight entries) on training-split
+``analyze.method=ssah|snip_diff|wanda_diff|safeseek`` scores units (or weight entries) on training-split
 safety data (harmful prompts with their refusals) and utility data (benign prompts with their
 answers), turns the scores into classes, validates every class by ablation on validation
-prompts against random sets of the same shape (:mod:`zorefine.analyze.ablation`) and writes:
+prompts against random sets of the same shape (SafeSeek learns its circuit on the same
+training data: :mod:`zorefine.analyze.safeseek`) (:mod:`zorefine.analyze.ablation`) and writes:
 
 - ``units.json``: the method, its data, its cost in forward and backward passes, every class's
   size and share of the decoder's parameters, the ablation table and each layer's share of the
@@ -27,6 +28,7 @@ from zorefine.analyze.ablation import AblationProbe, validate_sets
 from zorefine.analyze.freezing import freeze_comparison
 from zorefine.analyze.attribution import Passes, channel_statistics, snip_scores, ssah_scores, wanda_scores
 from zorefine.analyze.sensitivity import ForwardCounter
+from zorefine.analyze.safeseek import find_circuit, unit_width
 from zorefine.analyze.unit_classes import SSAH_CLASSES, set_difference, ssah_classes
 from zorefine.judge.registry import configured_judge
 from zorefine.models.layers import decoder_parameters, find_decoder_layers
@@ -42,7 +44,7 @@ from zorefine.threats import parse_threat
 
 log = logging.getLogger(__name__)
 
-UNIT_METHODS = ("ssah", "snip_diff", "wanda_diff")
+UNIT_METHODS = ("ssah", "snip_diff", "wanda_diff", "safeseek")
 UNITS_FILE = "units.json"
 MASKS_FILE = "units.safetensors"
 
@@ -106,6 +108,30 @@ def difference_sets(run: Run, model, tokenizer, safety: list[Pair], utility: lis
                     {"q": cfg.q, "p": cfg.p, "score": score})
 
 
+def circuit_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[Pair]) -> UnitSets:
+    """SafeSeek: the heads and neurons whose removal the learned masks find refusal cannot do without."""
+    cfg = run.cfg.analyze.units
+    groups = find_unit_groups(model)
+    linears = decoder_linears(model)
+    outputs = {group.output: linears[group.output] for group in groups}
+    search = find_circuit(model, tokenizer, groups, outputs, safety, utility, cfg.circuit_steps, cfg.circuit_lr,
+                          cfg.circuit_sparsity, cfg.batch_size, run.cfg.data.max_length)
+    masks = units_to_masks(groups, search.channels(groups))
+    widths = {g.key: unit_width(g) for g in groups}
+
+    def random_circuit(generator: torch.Generator) -> Masks:
+        # Random heads for heads and random neurons for neurons: the same structure as the circuit.
+        drawn = random_units_like(search.circuit, generator)
+        return units_to_masks(groups, {key: units.repeat_interleave(widths[key]) for key, units in drawn.items()})
+
+    counts = {kind: sum(int(search.circuit[g.key].sum()) for g in groups if g.kind == kind) for kind in ("attention", "mlp")}
+    totals = {kind: sum(search.circuit[g.key].numel() for g in groups if g.kind == kind) for kind in ("attention", "mlp")}
+    details = {"heads": counts["attention"], "of_heads": totals["attention"], "neurons": counts["mlp"], "of_neurons": totals["mlp"],
+               "steps": cfg.circuit_steps, "lr": cfg.circuit_lr, "sparsity": cfg.circuit_sparsity,
+               "loss_first": search.losses[0] if search.losses else None, "loss_last": search.losses[-1] if search.losses else None}
+    return UnitSets({"circuit": masks}, {"circuit": random_circuit}, "circuit", {"circuit": masks}, search.passes, details)
+
+
 def find_sets(run: Run, model, tokenizer) -> UnitSets:
     """The configured method's unit sets."""
     method, limit = run.cfg.analyze.method, run.cfg.analyze.units.prompts
@@ -113,6 +139,8 @@ def find_sets(run: Run, model, tokenizer) -> UnitSets:
     safety, utility = _pairs(run, "harmful", limit), _pairs(run, "benign", limit)
     if method == "ssah":
         return ssah_sets(run, model, tokenizer, safety, utility)
+    if method == "safeseek":
+        return circuit_sets(run, model, tokenizer, safety, utility)
     return difference_sets(run, model, tokenizer, safety, utility, "snip" if method == "snip_diff" else "wanda")
 
 

@@ -12,7 +12,7 @@ from zorefine.models.selection import SelectionPolicy
 from zorefine.threats import parse_threat
 
 RANKINGS = ("safety_loss_rise", "refusal_drop", "curvature")
-METHODS = ("perturbation", "ssah", "snip_diff", "wanda_diff")
+METHODS = ("perturbation", "ssah", "snip_diff", "wanda_diff", "safeseek")
 
 
 @dataclass
@@ -28,6 +28,10 @@ class UnitMethodConfig:
     # Wei et al.: per linear map, top-q entries by safety score minus top-p by utility score.
     q: float = 0.03
     p: float = 0.03
+    # SafeSeek: Adam steps on the mask logits, their learning rate, and the price of removing a unit.
+    circuit_steps: int = 30
+    circuit_lr: float = 0.1
+    circuit_sparsity: float = 1.0
     # Validation prompts of each kind the ablation table is measured on, and random control sets per class.
     ablation_prompts: int = 48
     ablation_draws: int = 3
@@ -43,7 +47,8 @@ class AnalyzeConfig:
     """Unit fragility under threats, and the selection of units the refiner works on."""
 
     # "perturbation" (threaten each unit, measure the damage) or a unit method: "ssah" (SSAH's
-    # neuron/channel classes), "snip_diff" or "wanda_diff" (Wei et al.'s weight set differences).
+    # neuron/channel classes), "snip_diff" or "wanda_diff" (Wei et al.'s weight set differences),
+    # "safeseek" (a learned circuit of heads and neurons).
     method: str = "perturbation"
     units: UnitMethodConfig = field(default_factory=UnitMethodConfig)
     # "layer" (decoder layers), "module" (attention / MLP / norms of each layer) or "tensor".
@@ -92,6 +97,8 @@ def check_analyze(cfg: DictConfig) -> None:
     require(all(0 <= units[k] < 1 for k in ("scu", "ucu", "ru")) and units.scu + units.ucu + units.ru < 1,
             "analyze.units.scu, ucu and ru are fractions of each group's units, in [0, 1), summing to less than 1")
     require(0 < units.q <= 1 and 0 <= units.p <= 1, "analyze.units.q must be in (0, 1] and analyze.units.p in [0, 1]")
+    require(units.circuit_steps >= 1 and units.circuit_lr > 0 and units.circuit_sparsity >= 0,
+            "analyze.units.circuit_steps must be >= 1, circuit_lr > 0 and circuit_sparsity >= 0")
     require(units.ablation_draws >= 1, "analyze.units.ablation_draws must be >= 1")
     if units.finetune is not None:
         require(hasattr(parse_threat(units.finetune), "with_data"), f"analyze.units.finetune must be a finetune:STEPS spec, got {units.finetune!r}")

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from zorefine.data.formatting import IGNORE_INDEX, collate, encode_example
 
 
-def _token_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll_and_mask(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL ``(B, T-1)`` (zero on unlabelled tokens) and the label mask."""
     batch = {key: value.to(model.device) for key, value in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -46,7 +46,7 @@ def response_nll_terms(
     Their ratio is :func:`response_nll`; kept apart, the terms of several micro-batches or of
     several processes' shares add up to the loss of the whole batch, however it was split.
     """
-    token_nll, mask = _token_nll(model, batch)
+    token_nll, mask = token_nll_and_mask(model, batch)
     if example_weights is None:
         return token_nll.sum(), mask.sum().to(token_nll.dtype)
     weights = example_weights.to(device=token_nll.device, dtype=token_nll.dtype).unsqueeze(1)
@@ -101,5 +101,5 @@ def per_example_nll(
 
 
 def _per_example_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    token_nll, mask = _token_nll(model, batch)
+    token_nll, mask = token_nll_and_mask(model, batch)
     return token_nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
