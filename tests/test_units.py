@@ -273,6 +273,8 @@ def test_analyze_with_a_unit_method_writes_units_masks_and_a_layer_selection(met
     assert abs(sum(report["layer_shares"].values()) - 1) < 1e-9
     selection = json.loads((tmp_path / "selection.json").read_text())
     assert selection["units"] == summary["selected"]
+    table = (tmp_path / "units.md").read_text()
+    assert all(f"| {label} |" in table for label in rows) and (tmp_path / "units.png").stat().st_size > 0
 
 
 def test_a_bad_unit_setting_is_a_config_error():
@@ -367,6 +369,7 @@ def test_ssah_analysis_compares_freezing_during_a_benign_finetune(micro_checkpoi
     assert 0 < rows["scu"]["entries"] < rows["scu+cu"]["entries"]
     assert {"mean", "low", "high"} <= set(rows["scu+cu"]["refusal_minus_full_finetune"])
     assert report["cost"]["finetune_backward"] == 2 * 3
+    assert "| scu+cu |" in (tmp_path / "units.md").read_text()
 
 
 def test_align_can_train_only_the_redundant_units(micro_checkpoint, tmp_path):
@@ -447,3 +450,24 @@ def test_the_circuit_search_removes_what_the_refusals_need_and_its_price_keeps_i
     # A high price per removed unit keeps every unit.
     costly = find_circuit(model, micro_tokenizer, groups, outputs, safety, utility, steps=10, lr=0.05, sparsity=1e4, batch_size=4, max_length=96)
     assert not any(bool(m.any()) for m in costly.circuit.values())
+
+
+def test_the_agreement_tables_compare_methods_entry_by_entry(micro_checkpoint, tmp_path):
+    from zorefine.analyze import stage as analyze
+    from zorefine.analyze.unit_agreement import agreement_markdown, jaccard
+    from zorefine.run import Run
+
+    a = {"w": torch.tensor([True, True, False, False])}
+    b = {"w": torch.tensor([False, True, True, False]), "v": torch.tensor([True])}
+    assert jaccard(a, b) == 1 / 4 and jaccard(a, a) == 1.0
+    runs = []
+    for method in ("ssah", "wanda_diff"):
+        runs.append(tmp_path / method)
+        analyze.run(Run(make_cfg(micro_checkpoint, stages="[analyze]", **{
+            "align.enabled": False, "analyze.method": method, "analyze.units.prompts": 4, "analyze.units.ablation_prompts": 2,
+            "analyze.units.ablation_draws": 1, "analyze.units.max_new_tokens": 2}), runs[-1]))
+    layers = tmp_path / "layers"
+    analyze.run(Run(make_cfg(micro_checkpoint, stages="[analyze]", **{"align.enabled": False, "analyze.measure_refusal": False,
+                                                                       "analyze.curvature": False, "analyze.seeds": 1}), layers))
+    text = agreement_markdown(runs, layers)
+    assert "| ssah (scu) | 1 |" in text and "Spearman" in text and "Least agreement" in text

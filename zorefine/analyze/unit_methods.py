@@ -11,6 +11,8 @@ training data: :mod:`zorefine.analyze.safeseek`) (:mod:`zorefine.analyze.ablatio
   safety set, and (with ``analyze.units.finetune``) the freezing comparison: refusal after a benign
   fine-tune with nothing, the safety set, or (SSAH) SCU+CU frozen (:mod:`zorefine.analyze.freezing`);
 - ``units.safetensors``: the entry masks of every class (:func:`zorefine.models.param_masks.load_masks`);
+- ``units.md`` and ``units.png``: the ablation (and freezing) tables, and refusal after each
+  ablation next to its random controls;
 - ``selection.json``: the decoder layers holding the largest share of the safety set, chosen by
   the configured selection policy, so a ZO refinement after it has layers to work on.
 """
@@ -29,6 +31,7 @@ from zorefine.analyze.freezing import freeze_comparison
 from zorefine.analyze.attribution import Passes, channel_statistics, snip_scores, ssah_scores, wanda_scores
 from zorefine.analyze.sensitivity import ForwardCounter
 from zorefine.analyze.safeseek import find_circuit, unit_width
+from zorefine.analyze.units_report import plot_units, units_markdown
 from zorefine.analyze.unit_classes import SSAH_CLASSES, set_difference, ssah_classes
 from zorefine.judge.registry import configured_judge
 from zorefine.models.layers import decoder_parameters, find_decoder_layers
@@ -217,6 +220,8 @@ def run_unit_method(run: Run) -> dict[str, Any]:
     if run.processes.is_main:
         save_masks(run.run_dir / MASKS_FILE, found.sets)
         write_json_atomic(run.run_dir / UNITS_FILE, report)
+        (run.run_dir / "units.md").write_text(units_markdown(report))
+        plot_units(report, run.run_dir / "units.png")
         selection.save(run.run_dir / SELECTION_FILE)
     for row in ablation["rows"]:
         log.info("[analyze] %s %s: %.2f%% of decoder parameters, refusal %.3f (random %.3f), utility loss %.3f (random %.3f)%s",
