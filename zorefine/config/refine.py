@@ -80,6 +80,10 @@ class RefineConfig:
     unit_schedule: str = "joint"
     # A selection.json to reuse (e.g. from an earlier run); null = this run's analyze output.
     selection_file: Optional[str] = None
+    # Refine only one unit set of a units.safetensors (written by analyze with a unit method):
+    # the engine perturbs and updates just those entries (neurons, channels, heads, weights).
+    units_file: Optional[str] = None
+    units_set: str = "scu"
     # A DeepSpeed JSON (e.g. launch/deepspeed/zero3.json) for ZO methods: with ZeRO stage 3 the
     # model's parameters are partitioned across processes and each process perturbs and updates
     # its own partition (for models that do not fit one device). null = whole copies.
@@ -142,5 +146,11 @@ def check_refine(cfg: DictConfig) -> None:
     require(cfg.grad_accum >= 1, "refine.grad_accum must be >= 1")
     require_json_file("refine.deepspeed", cfg.deepspeed)
     require_json_file("refine.selection_file", cfg.selection_file)
+    if cfg.units_file is not None:
+        from pathlib import Path
+
+        require(Path(cfg.units_file).is_file(), f"refine.units_file {cfg.units_file} does not exist (analyze with a unit method writes units.safetensors)")
+        require(cfg.layers is None and cfg.selection_file is None, "refine.units_file replaces refine.layers and refine.selection_file: give one of them")
+        require(cfg.deepspeed is None, "refine.units_file cannot be combined with refine.deepspeed (ZeRO-3 partitions are not unit slices)")
     require(cfg.on_divergence in ("stop", "continue"), f"refine.on_divergence must be stop or continue; got {cfg.on_divergence!r}")
     require(cfg.divergence_loss_factor > 1 and cfg.divergence_weight_factor > 1, "refine.divergence_loss_factor and divergence_weight_factor must be > 1")

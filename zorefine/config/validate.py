@@ -32,6 +32,8 @@ def analyze_needed(cfg: DictConfig) -> bool:
     # A unit method's ablation table is a result in itself, whatever refine does next.
     if cfg.analyze.method != "perturbation":
         return True
+    if cfg.refine.units_file is not None:
+        return False  # refine reads its unit set from the file: no layer ranking is needed
     return Stage.refine not in {Stage(s) for s in cfg.stages} or cfg.refine.method in SELECTING_METHODS
 
 

@@ -9,6 +9,10 @@ Policies, applied to the analyzer's ranking (most fragile first):
 - ``names``: units whose name matches one of ``names`` exactly or as a regular expression
   (``re.fullmatch``), whatever their score.
 
+A unit set (``refine.units_file``: neurons, channels, heads or single weights from a unit
+method's ``units.safetensors``) is a selection of granularity ``entries``: only those entries
+of its tensors are refined.
+
 The chosen selection is written to ``selection.json`` with the granularity, the policy, the
 units, their layers and every parameter name, so refine and later runs
 (``refine.selection_file=/path/to/selection.json``) reuse exactly the same weights.
@@ -22,10 +26,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from zorefine.errors import ConfigError
+from zorefine.models.fingerprint import file_digest
+from zorefine.models.layers import find_decoder_layers
 from zorefine.models.loading import write_json_atomic
+from zorefine.models.param_masks import load_masks
 from zorefine.models.units import Unit, union_parameters, units_by_name
 
 POLICIES = ("top_k", "budget", "threshold", "names")
@@ -109,6 +117,32 @@ class Selection:
     parameters: list[str]
     policy: dict[str, Any]
     rank_by: str | None = None
+    # A unit set (granularity "entries"): the units.safetensors it comes from, the set, its digest.
+    entries_file: str | None = None
+    entries_set: str | None = None
+    entries_digest: str | None = None
+
+    @classmethod
+    def of_entries(cls, path: Path, label: str, model: nn.Module) -> "Selection":
+        """The selection of one set of a ``units.safetensors``: only its entries are refined."""
+        sets = load_masks(path)
+        if label not in sets:
+            raise ConfigError(f"unit set {label!r} is not in {path}; it holds {sorted(sets)}")
+        names = [name for name, mask in sets[label].items() if bool(mask.any())]
+        if not names:
+            raise ConfigError(f"unit set {label!r} of {path} is empty")
+        layers = find_decoder_layers(model)
+        in_layer = [i for i in range(len(layers)) if any(n.startswith(layers.name(i) + ".") for n in names)]
+        return cls("entries", [label], in_layer, names, {"policy": "units_file"}, None, str(Path(path).resolve()), label, file_digest(path))
+
+    def entry_indices(self) -> dict[str, torch.Tensor]:
+        """Flat positions of the selected entries per parameter (empty for whole-tensor selections)."""
+        if self.entries_file is None:
+            return {}
+        if self.entries_digest is not None and file_digest(self.entries_file) != self.entries_digest:
+            raise ConfigError(f"{self.entries_file} changed since the selection was made from it")
+        masks = load_masks(Path(self.entries_file))[self.entries_set]
+        return {name: masks[name].reshape(-1).nonzero().squeeze(1) for name in self.parameters}
 
     @classmethod
     def of(cls, units: Sequence[Unit], granularity: str, policy: SelectionPolicy, rank_by: str | None) -> "Selection":
@@ -133,7 +167,8 @@ class Selection:
             raise ConfigError(f"selection file {path} does not exist")
         try:
             data = json.loads(path.read_text())
-            return cls(**{key: data[key] for key in ("granularity", "units", "layers", "parameters", "policy")}, rank_by=data.get("rank_by"))
+            return cls(**{key: data[key] for key in ("granularity", "units", "layers", "parameters", "policy")}, rank_by=data.get("rank_by"),
+                       **{key: data.get(key) for key in ("entries_file", "entries_set", "entries_digest")})
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path} is not a zorefine selection file ({type(exc).__name__}: {exc})") from None
 
@@ -146,5 +181,7 @@ class Selection:
         return {name: named[name] for name in self.parameters}
 
     def unit_objects(self, model: nn.Module) -> list[Unit]:
-        """The selected units of ``model``."""
+        """The selected units of ``model`` (a unit set is one unit holding all its tensors)."""
+        if self.granularity == "entries":
+            return [Unit(self.units[0], min(self.layers), "entries", self.resolve(model))]
         return units_by_name(model, self.units)

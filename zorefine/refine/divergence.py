@@ -104,9 +104,10 @@ def roll_back(
     settings: ZOSettings,
     records: Sequence[ZOStepRecord],
     unit_parameters: Mapping[str, Sequence[str]] | None,
+    entries: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Set ``params`` to the start weights moved by ``records`` (the steps that are kept)."""
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(start_values[name])
-    apply_records(ZOEngine(params, settings=settings), records, unit_parameters)
+    apply_records(ZOEngine(params, settings=settings, entries=entries), records, unit_parameters)

@@ -15,8 +15,10 @@ from zorefine.run import SELECTION_FILE, Run
 
 
 def selection_for(run: Run, model: torch.nn.Module) -> Selection:
-    """What to refine: ``refine.layers`` when given, else ``refine.selection_file``, else analyze's choice."""
+    """What to refine: ``refine.units_file``, else ``refine.layers``, else ``refine.selection_file``, else analyze's choice."""
     cfg = run.cfg.refine
+    if cfg.units_file is not None:
+        return Selection.of_entries(Path(cfg.units_file), cfg.units_set, model)
     if cfg.layers is not None:
         decoder = find_decoder_layers(model)
         bad = [i for i in cfg.layers if not 0 <= i < len(decoder)]
@@ -39,6 +41,8 @@ def selection_for_method(run: Run, model: torch.nn.Module) -> Selection:
     chosen = selection_for(run, model)
     if cfg.method != "zo_random":
         return chosen
+    if chosen.granularity == "entries":
+        raise ConfigError("refine.method=zo_random draws whole units; with refine.units_file draw a random set with the same structure instead")
     # The control for layer selection: as many units of the same granularity, chosen blindly.
     candidates = discover_units(model, chosen.granularity)
     rng = random.Random(f"{cfg.seed}:random-units")

@@ -19,6 +19,7 @@ from zorefine.errors import ZorefineError
 from zorefine.models.fingerprint import checkpoint_fingerprint
 from zorefine.refine.curvature import CurvatureTracker
 from zorefine.refine.divergence import Divergence, DivergenceGuard, roll_back
+from zorefine.zo.replay import header_entries
 from zorefine.refine.objective import step_objective
 from zorefine.refine.resume import resume_records
 from zorefine.refine.selection import selection_for_method
@@ -65,7 +66,8 @@ def refine_zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dic
     if cfg.unit_schedule == "curvature":
         tracker = CurvatureTracker(list(unit_parameters), prior=analyzer_curvature(run))
     refine_cfg = OmegaConf.to_container(cfg, resolve=True)
-    engine = ZOEngine(params, settings=zo_settings(refine_cfg))
+    entries = selection.entry_indices()
+    engine = ZOEngine(params, settings=zo_settings(refine_cfg), entries=entries)
     # Layers below the first selected one are never perturbed: their output can be cached
     # (not with ZeRO-3, whose own hooks gather each layer's weights as it runs).
     partitioned = any(is_partitioned(p) for p in params.values())
@@ -78,6 +80,8 @@ def refine_zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dic
         "units": selection.units,
         "parameters": list(params),
         "unit_parameters": unit_parameters,
+        # A unit set: replay reads the same entries from the same (unchanged) file.
+        **({"entries": {"file": selection.entries_file, "set": selection.entries_set, "digest": selection.entries_digest}} if entries else {}),
         "refine": refine_cfg,
         "environment": environment(),
     }
@@ -149,7 +153,7 @@ def handle_divergence(run: Run, diverged: Divergence, params, header: dict[str, 
     kept = records[: diverged.kept_steps]
     base, _ = run.load_model(run.aligned_checkpoint)
     start_values = {name: param for name, param in base.named_parameters() if name in params}
-    roll_back(params, start_values, zo_settings(header["refine"]), kept, header.get("unit_parameters"))
+    roll_back(params, start_values, zo_settings(header["refine"]), kept, header.get("unit_parameters"), header_entries(header))
     del base, start_values
     with TrajectoryWriter(log_path, header, len(kept), enabled=run.processes.is_main):
         pass  # cuts the log to the kept steps, so a resume or a replay rebuilds these weights

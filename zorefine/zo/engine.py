@@ -23,9 +23,9 @@ from typing import Callable, Mapping, Sequence, Tuple
 import torch
 
 from zorefine import distributed
-from zorefine.distributed.partitions import local_entries, whole_rms
+from zorefine.distributed.partitions import LocalEntries, is_partitioned, local_entries, whole_rms
 from zorefine.zo.directions import DIRECTIONS, Direction, tensor_seed
-from zorefine.zo.weight_store import STORES, make_store
+from zorefine.zo.weight_store import STORES, EntryStore, make_store
 
 _STEP_SEED_SPACE = 2**31 - 1
 OPTIMIZERS = ("sgd", "momentum", "adam", "sign")
@@ -138,6 +138,7 @@ class ZOEngine:
         params: Mapping[str, torch.nn.Parameter],
         eps: float | None = None,
         settings: ZOSettings | None = None,
+        entries: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if not params:
             raise ValueError("ZOEngine needs at least one parameter to refine")
@@ -145,12 +146,11 @@ class ZOEngine:
         if eps is not None:
             self.settings.eps = float(eps)
         self.params = dict(params)
-        # What each process holds of each tensor: all of it, or its ZeRO-3 partition.
-        self.local = {name: local_entries(p) for name, p in self.params.items()}
-        self.stores = {
-            name: make_store(self.settings.store, self.local[name].tensor, self._direction_of(name))
-            for name in self.params
-        }
+        # Flat positions of the selected entries of a tensor (a unit set); absent: the whole tensor.
+        self.entries = dict(entries or {})
+        # What each process holds of each tensor: all of it, its ZeRO-3 partition, or the entries.
+        self.local = {name: self._local(name, p) for name, p in self.params.items()}
+        self.stores = {name: self._store(name) for name in self.params}
         # Per-tensor perturbation scale: 1 (absolute ε) or the tensor's RMS at the start
         # (relative ε), fixed for the run so replay can recompute it from the base weights.
         processes = distributed.current()
@@ -160,6 +160,20 @@ class ZOEngine:
         }
         self.state: dict[str, dict[str, torch.Tensor | int]] = {}
         self.updates = 0
+
+    def _local(self, name: str, param: torch.nn.Parameter) -> LocalEntries:
+        if name not in self.entries:
+            return local_entries(param)
+        if is_partitioned(param):
+            raise ValueError(f"{name}: a unit selection cannot refine a ZeRO-3 partitioned tensor")
+        # A copy of the selected values: the direction's shape and the relative-ε scale are theirs.
+        selected = param.detach().reshape(-1)[self.entries[name].to(param.device)]
+        return LocalEntries(selected, 0, selected.shape, False)
+
+    def _store(self, name: str):
+        if name in self.entries:
+            return EntryStore(self.params[name], self.entries[name], self._direction_of(name))
+        return make_store(self.settings.store, self.local[name].tensor, self._direction_of(name))
 
     @property
     def num_parameters(self) -> int:

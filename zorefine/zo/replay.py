@@ -16,6 +16,7 @@ import torch
 from zorefine.errors import DataError, ZorefineError
 from zorefine.zo.trajectory import check_directions_version, iter_steps, read_trajectory
 from zorefine.config.refine import zo_settings
+from zorefine.models.selection import Selection
 from zorefine.zo.engine import ZOEngine, ZOStepRecord
 
 
@@ -26,6 +27,21 @@ def select_parameters(model: torch.nn.Module, names: Sequence[str]) -> dict[str,
     if missing:
         raise DataError(f"the model has no parameter(s) {missing[:3]} named in the trajectory log")
     return {n: available[n] for n in names}
+
+
+def header_entries(header: Mapping) -> dict[str, torch.Tensor]:
+    """The entry positions a unit-set refinement worked on, read back from the file its header names."""
+    spec = header.get("entries")
+    if not spec:
+        return {}
+    path = Path(spec["file"])
+    if not path.is_file():
+        raise DataError(f"the trajectory refined the {spec['set']!r} units of {path}, which is missing: replay needs that file")
+    selection = Selection("entries", [spec["set"]], [], list(header["parameters"]), {}, None, str(path), spec["set"], spec.get("digest"))
+    try:
+        return selection.entry_indices()
+    except ZorefineError as error:
+        raise DataError(f"cannot replay: {error}") from None
 
 
 def apply_records(
@@ -57,7 +73,7 @@ def replay(base_dir: str | Path, log_path: str | Path, out_dir: str | Path) -> P
         raise DataError(f"{log_path}: no trajectory header (is this a zorefine trajectory.jsonl?)")
     check_directions_version(header, log_path)
     model, tokenizer = load_causal_lm(base_dir, device="cpu" if not torch.cuda.is_available() else "auto")
-    engine = ZOEngine(select_parameters(model, header["parameters"]), settings=zo_settings(header["refine"]))
+    engine = ZOEngine(select_parameters(model, header["parameters"]), settings=zo_settings(header["refine"]), entries=header_entries(header))
     applied = apply_records(engine, records, header.get("unit_parameters"))
     info = {"stage": "replay", "base": str(base_dir), "trajectory": str(log_path), "applied_steps": applied}
     return save_checkpoint(model, tokenizer, out_dir, info)
