@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from zorefine.errors import ConfigError
-from zorefine.models.layers import find_decoder_layers
+from zorefine.models.neurons import decoder_linears
 from zorefine.threats.base import Undo, _check_int, _float_label
 from zorefine.threats.quantization import RTNQuantization
 
@@ -54,15 +54,7 @@ def fake_quantize_per_token(x: torch.Tensor, bits: int, clip: float | None = Non
 def linear_modules(model: nn.Module, params: Mapping[str, nn.Parameter]) -> list[tuple[str, nn.Module]]:
     """The decoder layers' linear maps (``nn.Linear``, GPT-2 ``Conv1D``) whose weight is in ``params``."""
     wanted = {id(p) for p in params.values()}
-    layers = find_decoder_layers(model)
-    found = []
-    for index, layer in enumerate(layers.modules):
-        for local, module in layer.named_modules():
-            is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-            weight = getattr(module, "weight", None)
-            if is_linear and weight is not None and id(weight) in wanted:
-                found.append((f"{layers.name(index)}.{local}", module))
-    return found
+    return [(name, module) for name, module in decoder_linears(model).items() if id(module.weight) in wanted]
 
 
 @dataclass(frozen=True)
