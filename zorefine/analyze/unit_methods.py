@@ -36,7 +36,7 @@ from zorefine.analyze.unit_classes import SSAH_CLASSES, set_difference, ssah_cla
 from zorefine.judge.registry import configured_judge
 from zorefine.models.layers import decoder_parameters, find_decoder_layers
 from zorefine.models.loading import write_json_atomic
-from zorefine.models.neurons import decoder_linears, find_unit_groups
+from zorefine.models.neurons import decoder_linears, output_projections
 from zorefine.models.param_masks import (
     Masks, count_entries, random_entries_like, random_units_like, save_masks, union_masks, units_to_masks,
 )
@@ -75,9 +75,7 @@ def _pairs(run: Run, kind: str, limit: int | None) -> list[Pair]:
 def ssah_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[Pair]) -> UnitSets:
     """SSAH's SCU / UCU / RU / CU, each a set of MLP neurons and attention channels."""
     cfg = run.cfg.analyze.units
-    groups = find_unit_groups(model)
-    linears = decoder_linears(model)
-    outputs = {group.output: linears[group.output] for group in groups}
+    groups, outputs = output_projections(model)
     scores, passes = {}, Passes()
     for label, pairs in (("safety", safety), ("utility", utility)):
         stats, spent = channel_statistics(model, tokenizer, pairs, outputs, run.cfg.data.max_length, cfg.batch_size)
@@ -114,9 +112,7 @@ def difference_sets(run: Run, model, tokenizer, safety: list[Pair], utility: lis
 def circuit_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[Pair]) -> UnitSets:
     """SafeSeek: the heads and neurons whose removal the learned masks find refusal cannot do without."""
     cfg = run.cfg.analyze.units
-    groups = find_unit_groups(model)
-    linears = decoder_linears(model)
-    outputs = {group.output: linears[group.output] for group in groups}
+    groups, outputs = output_projections(model)
     search = find_circuit(model, tokenizer, groups, outputs, safety, utility, cfg.circuit_steps, cfg.circuit_lr,
                           cfg.circuit_sparsity, cfg.batch_size, run.cfg.data.max_length)
     masks = units_to_masks(groups, search.channels(groups))

@@ -25,7 +25,7 @@ from torch import nn
 from zorefine.errors import ModelError
 from zorefine.models.layers import find_decoder_layers, parameter_category
 
-__all__ = ["Slice", "UnitGroup", "find_unit_groups", "decoder_linears", "is_linear"]
+__all__ = ["Slice", "UnitGroup", "decoder_linears", "find_unit_groups", "is_linear", "output_projections", "weight_axes"]
 
 KINDS = ("mlp", "attention")
 
@@ -164,3 +164,10 @@ def _decoder_linears(model: nn.Module) -> dict[str, tuple[int, str, nn.Module]]:
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear map of the decoder layers by module path (the weight-entry level of Wei et al.)."""
     return {name: module for name, (_, _, module) in _decoder_linears(model).items()}
+
+
+def output_projections(model: nn.Module) -> tuple[list[UnitGroup], dict[str, nn.Module]]:
+    """The unit groups and, by module path, the output projection of each (whose inputs are the units)."""
+    groups = find_unit_groups(model)
+    linears = decoder_linears(model)
+    return groups, {group.output: linears[group.output] for group in groups}
