@@ -531,3 +531,25 @@ def test_an_entry_set_holding_every_entry_steps_exactly_like_the_whole_tensor(op
             engine.step(step, 100 + step, 1e-2, lambda: model(input_ids=ids, labels=ids).loss)
         results.append(params[name].detach().clone())
     assert torch.equal(results[0], results[1])
+
+
+def test_one_run_can_find_a_unit_set_and_refine_it(micro_checkpoint, tmp_path):
+    from zorefine.config.validate import validate
+    from zorefine.errors import ConfigError
+    from zorefine.pipeline import run_pipeline
+    from zorefine.stage_identity import missing_outputs
+    from zorefine.run import Run
+    from zorefine.config.schema import Stage
+
+    cfg = make_cfg(micro_checkpoint, stages="[analyze,refine]", **{
+        "align.enabled": False, "analyze.method": "ssah", "analyze.units.prompts": 4, "analyze.units.ablation_prompts": 2,
+        "analyze.units.ablation_draws": 1, "analyze.units.max_new_tokens": 2, "analyze.units.scu": 0.1,
+        "refine.units_file": "analyze", "refine.units_set": "scu", "refine.steps": 2})
+    validate(cfg)
+    run_pipeline(cfg, tmp_path)
+    run = Run(cfg, tmp_path)
+    assert run.stage_summary(Stage.refine)["num_parameters"] == count_entries(load_masks(tmp_path / "units.safetensors")["scu"])
+    # A finished unit analysis is complete with its own outputs (no sensitivity.json).
+    assert missing_outputs(run, Stage.analyze, run.stage_summary(Stage.analyze)) == []
+    with pytest.raises(ConfigError, match="units_file=analyze"):
+        validate(make_cfg(micro_checkpoint, **{"refine.units_file": "analyze"}))

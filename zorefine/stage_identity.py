@@ -17,7 +17,7 @@ import zorefine
 from zorefine.config.schema import Stage
 from zorefine.config.validate import SELECTING_METHODS
 from zorefine.models.fingerprint import checkpoint_fingerprint, file_digest
-from zorefine.run import ALIGNED_DIR, METRICS_FILE, REFINED_DIR, SELECTION_FILE, SENSITIVITY_FILE, Run
+from zorefine.run import ALIGNED_DIR, MASKS_FILE, METRICS_FILE, REFINED_DIR, SELECTION_FILE, SENSITIVITY_FILE, UNITS_FILE, Run
 
 # The config sections (or single keys) each stage's result depends on.
 STAGE_CONFIG: dict[Stage, tuple[str, ...]] = {
@@ -107,7 +107,12 @@ def missing_outputs(run: Run, stage: Stage, summary: Mapping[str, Any]) -> list[
     if stage is Stage.align:
         expected = [ALIGNED_DIR] if summary.get("enabled", True) else []
     elif stage is Stage.analyze:
-        expected = [] if summary.get("skipped") else [SELECTION_FILE, SENSITIVITY_FILE]
+        if summary.get("skipped"):
+            expected = []
+        elif summary.get("method", "perturbation") != "perturbation":
+            expected = [SELECTION_FILE, UNITS_FILE, MASKS_FILE]
+        else:
+            expected = [SELECTION_FILE, SENSITIVITY_FILE]
     elif stage is Stage.refine:
         expected = [REFINED_DIR]
     else:

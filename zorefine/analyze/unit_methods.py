@@ -42,14 +42,12 @@ from zorefine.models.param_masks import (
 )
 from zorefine.models.selection import Selection, SelectionPolicy, select_units
 from zorefine.models.units import discover_units
-from zorefine.run import SELECTION_FILE, Run
+from zorefine.run import MASKS_FILE, SELECTION_FILE, UNITS_FILE, Run
 from zorefine.threats import parse_threat
 
 log = logging.getLogger(__name__)
 
 UNIT_METHODS = ("ssah", "snip_diff", "wanda_diff", "safeseek")
-UNITS_FILE = "units.json"
-MASKS_FILE = "units.safetensors"
 
 Pair = tuple[str, str]
 

@@ -82,6 +82,7 @@ class RefineConfig:
     selection_file: Optional[str] = None
     # Refine only one unit set of a units.safetensors (written by analyze with a unit method):
     # the engine perturbs and updates just those entries (neurons, channels, heads, weights).
+    # "analyze" = the file this run's analyze stage writes (analyze.method must be a unit method).
     units_file: Optional[str] = None
     units_set: str = "scu"
     # A DeepSpeed JSON (e.g. launch/deepspeed/zero3.json) for ZO methods: with ZeRO stage 3 the
@@ -149,7 +150,7 @@ def check_refine(cfg: DictConfig) -> None:
     if cfg.units_file is not None:
         from pathlib import Path
 
-        require(Path(cfg.units_file).is_file(), f"refine.units_file {cfg.units_file} does not exist (analyze with a unit method writes units.safetensors)")
+        require(cfg.units_file == "analyze" or Path(cfg.units_file).is_file(), f"refine.units_file {cfg.units_file} does not exist (analyze with a unit method writes units.safetensors)")
         require(cfg.layers is None and cfg.selection_file is None, "refine.units_file replaces refine.layers and refine.selection_file: give one of them")
         require(cfg.deepspeed is None, "refine.units_file cannot be combined with refine.deepspeed (ZeRO-3 partitions are not unit slices)")
     require(cfg.on_divergence in ("stop", "continue"), f"refine.on_divergence must be stop or continue; got {cfg.on_divergence!r}")

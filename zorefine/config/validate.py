@@ -32,7 +32,7 @@ def analyze_needed(cfg: DictConfig) -> bool:
     # A unit method's ablation table is a result in itself, whatever refine does next.
     if cfg.analyze.method != "perturbation":
         return True
-    if cfg.refine.units_file is not None:
+    if cfg.refine.units_file not in (None, "analyze"):
         return False  # refine reads its unit set from the file: no layer ranking is needed
     return Stage.refine not in {Stage(s) for s in cfg.stages} or cfg.refine.method in SELECTING_METHODS
 
@@ -58,7 +58,11 @@ def validate(cfg: DictConfig) -> None:
     check_refine(cfg.refine)
     check_evaluate(cfg.evaluate)
     needs_selection = cfg.refine.method in SELECTING_METHODS
-    if Stage.refine in cfg.stages and needs_selection and cfg.refine.layers is None and cfg.refine.selection_file is None:
+    units_file = cfg.refine.units_file
+    if units_file == "analyze":
+        require(cfg.analyze.method != "perturbation" and Stage.analyze in cfg.stages,
+                "refine.units_file=analyze refines a unit set this run's analyze writes: add 'analyze' to stages and set analyze.method=ssah|snip_diff|wanda_diff|safeseek")
+    if Stage.refine in cfg.stages and needs_selection and cfg.refine.layers is None and cfg.refine.selection_file is None and units_file is None:
         require(
             Stage.analyze in cfg.stages,
             "refine needs a layer selection: add 'analyze' to stages, set refine.layers=[...] "

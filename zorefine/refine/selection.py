@@ -11,14 +11,17 @@ from zorefine.errors import ConfigError
 from zorefine.models.layers import find_decoder_layers
 from zorefine.models.selection import Selection, SelectionPolicy
 from zorefine.models.units import discover_units
-from zorefine.run import SELECTION_FILE, Run
+from zorefine.run import MASKS_FILE, SELECTION_FILE, Run
 
 
 def selection_for(run: Run, model: torch.nn.Module) -> Selection:
     """What to refine: ``refine.units_file``, else ``refine.layers``, else ``refine.selection_file``, else analyze's choice."""
     cfg = run.cfg.refine
     if cfg.units_file is not None:
-        return Selection.of_entries(Path(cfg.units_file), cfg.units_set, model)
+        path = run.run_dir / MASKS_FILE if cfg.units_file == "analyze" else Path(cfg.units_file)
+        if not path.is_file():
+            raise ConfigError(f"no unit sets: {path} is missing; run analyze with a unit method (analyze.method=ssah, ...)")
+        return Selection.of_entries(path, cfg.units_set, model)
     if cfg.layers is not None:
         decoder = find_decoder_layers(model)
         bad = [i for i in cfg.layers if not 0 <= i < len(decoder)]
