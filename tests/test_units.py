@@ -273,6 +273,12 @@ def test_analyze_with_a_unit_method_writes_units_masks_and_a_layer_selection(met
     assert abs(sum(report["layer_shares"].values()) - 1) < 1e-9
     selection = json.loads((tmp_path / "selection.json").read_text())
     assert selection["units"] == summary["selected"]
+    if method in ("ssah", "safeseek"):
+        from safetensors.torch import load_file
+
+        kept = load_file(str(tmp_path / "unit_scores.safetensors"))
+        prefixes = {"ssah": ("safety", "utility"), "safeseek": ("logit",)}[method]
+        assert {key.split("::")[0] for key in kept} == set(prefixes)
     table = (tmp_path / "units.md").read_text()
     assert all(f"| {label} |" in table for label in rows) and (tmp_path / "units.png").stat().st_size > 0
 

@@ -11,6 +11,8 @@ training data: :mod:`zorefine.analyze.safeseek`) (:mod:`zorefine.analyze.ablatio
   safety set, and (with ``analyze.units.finetune``) the freezing comparison: refusal after a benign
   fine-tune with nothing, the safety set, or (SSAH) SCU+CU frozen (:mod:`zorefine.analyze.freezing`);
 - ``units.safetensors``: the entry masks of every class (:func:`zorefine.models.param_masks.load_masks`);
+- ``unit_scores.safetensors`` (SSAH, SafeSeek): every unit's scores, ``safety::GROUP`` and
+  ``utility::GROUP`` importances or ``logit::GROUP`` mask logits;
 - ``units.md`` and ``units.png``: the ablation (and freezing) tables, and refusal after each
   ablation next to its random controls;
 - ``selection.json``: the decoder layers holding the largest share of the safety set, chosen by
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
 
 from zorefine.analyze.ablation import AblationProbe, validate_sets
 from zorefine.analyze.freezing import freeze_comparison
@@ -49,6 +52,8 @@ log = logging.getLogger(__name__)
 
 UNIT_METHODS = ("ssah", "snip_diff", "wanda_diff", "safeseek")
 
+SCORES_FILE = "unit_scores.safetensors"
+
 Pair = tuple[str, str]
 
 
@@ -64,6 +69,9 @@ class UnitSets:
     freeze: dict[str, Masks] = field(default_factory=dict)
     passes: Passes = field(default_factory=Passes)
     details: dict[str, Any] = field(default_factory=dict)
+    # Per-unit scores worth keeping (SSAH's importances, SafeSeek's mask logits), by name; Wei et
+    # al.'s entry scores are as large as the model and are not kept.
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _pairs(run: Run, kind: str, limit: int | None) -> list[Pair]:
@@ -86,7 +94,8 @@ def ssah_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[Pair
                "groups": len(groups), "fractions": {"scu": cfg.scu, "ucu": cfg.ucu, "ru": cfg.ru}}
     # CU is most of the model: ablating it measures nothing about safety and costs a full row.
     freeze = {"scu": sets["scu"], "scu+cu": union_masks(sets["scu"], sets["cu"])}
-    return UnitSets({k: v for k, v in sets.items() if k != "cu"}, random_like, "scu", freeze, passes, details)
+    kept = {f"{label}::{key}": value for label, by_group in scores.items() for key, value in by_group.items()}
+    return UnitSets({k: v for k, v in sets.items() if k != "cu"}, random_like, "scu", freeze, passes, details, kept)
 
 
 def difference_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[Pair], score: str) -> UnitSets:
@@ -126,7 +135,8 @@ def circuit_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[P
     details = {"heads": counts["attention"], "of_heads": totals["attention"], "neurons": counts["mlp"], "of_neurons": totals["mlp"],
                "steps": cfg.circuit_steps, "lr": cfg.circuit_lr, "sparsity": cfg.circuit_sparsity,
                "loss_first": search.losses[0] if search.losses else None, "loss_last": search.losses[-1] if search.losses else None}
-    return UnitSets({"circuit": masks}, {"circuit": random_circuit}, "circuit", {"circuit": masks}, search.passes, details)
+    logits = {f"logit::{key}": value for key, value in search.logits.items()}
+    return UnitSets({"circuit": masks}, {"circuit": random_circuit}, "circuit", {"circuit": masks}, search.passes, details, logits)
 
 
 def find_sets(run: Run, model, tokenizer) -> UnitSets:
@@ -213,6 +223,8 @@ def run_unit_method(run: Run) -> dict[str, Any]:
     }
     if run.processes.is_main:
         save_masks(run.run_dir / MASKS_FILE, found.sets)
+        if found.scores:
+            save_file({k: v.contiguous() for k, v in found.scores.items()}, str(run.run_dir / SCORES_FILE))
         write_json_atomic(run.run_dir / UNITS_FILE, report)
         (run.run_dir / "units.md").write_text(units_markdown(report))
         plot_units(report, run.run_dir / "units.png")
