@@ -338,7 +338,7 @@ def test_align_adds_the_contrast_prompts_answered_by_the_start_model(micro_check
 
     seen = {}
 
-    def recording_sft(model, tokenizer, pairs, settings):
+    def recording_sft(model, tokenizer, pairs, settings, trainable=None):
         seen["pairs"] = list(pairs)
         return {"train_loss": 0.0}
 
