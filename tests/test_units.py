@@ -310,6 +310,8 @@ def test_the_finetune_attack_trains_keeps_frozen_entries_and_restores_exactly(ar
     model = transformers.AutoModelForCausalLM.from_config(_micro_config(arch, micro_tokenizer)).eval()
     attack = parse_threat("finetune:3:lr=1e-2:batch=2")
     assert isinstance(attack, FineTuneAttack) and parse_threat(attack.spec) == attack
+    # The positional form needs no '=' (Hydra's override grammar rejects it unquoted).
+    assert parse_threat("finetune:3:1e-2:b2") == attack
     group = find_unit_groups(model)[0]
     chosen = torch.zeros(group.size, dtype=torch.bool)
     chosen[:4] = True

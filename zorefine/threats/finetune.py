@@ -1,4 +1,4 @@
-"""The fine-tuning attack (``finetune:`` specs): a few steps of benign SFT, then measure.
+"""The fine-tuning attack (``finetune:STEPS[:LR][:bN]`` specs): a few steps of benign SFT, then measure.
 
 Benign fine-tuning erodes alignment (Qi et al., 2023): a user adapting an aligned model to
 ordinary instructions loses much of its refusal within tens of steps. As a threat, the decoder
@@ -52,7 +52,7 @@ class FineTuneAttack:
     @property
     def spec(self) -> str:
         """Canonical spec string: ``parse_threat(t.spec) == t``."""
-        return f"finetune:{self.steps}:lr={_float_label(self.lr)}:batch={self.batch_size}"
+        return f"finetune:{self.steps}:{_float_label(self.lr)}:b{self.batch_size}"
 
     def with_data(self, tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> "FineTuneAttack":
         """The same attack, training on ``pairs``."""

@@ -10,8 +10,9 @@ Spec language (:func:`parse_threat`), used in configs::
     aquant:a8|a6|a4[:pPCT]              per-token activation quantization of the decoder's linear
                                         inputs (scale from absmax, or the PCT percentile: clipped)
     w8a8|w4a8|w4a4[:gN][:pPCT]          RTN weights (per channel or groups of N) + quantized activations
-    finetune:STEPS[:lr=X][:batch=N]     the fine-tuning attack: STEPS AdamW steps on the run's
-                                        benign training pairs (default lr 1e-4, batch 8)
+    finetune:STEPS[:LR][:bN]            the fine-tuning attack: STEPS AdamW steps on the run's
+                                        benign training pairs (default lr 1e-4, batch 8; also
+                                        lr=X, batch=N)
 
 To add a threat family: write its class in its own module, a ``_parse_<kind>`` here, one
 branch in :func:`parse_threat`, and its form in ``_SPEC_HELP``.
@@ -42,7 +43,7 @@ _SPEC_HELP = (
     "'bnb:int8|nf4|fp4[:bN][:dq]' (e.g. bnb:nf4, bnb:fp4:b128), "
     "'aquant:a8|a6|a4[:pPCT]' (e.g. aquant:a8, aquant:a4:p99.9), "
     "'w8a8|w4a8|w4a4[:gN][:pPCT]' (e.g. w8a8, w4a4:g64:p99.9), "
-    "'finetune:STEPS[:lr=X][:batch=N]' (e.g. finetune:20:lr=1e-4)"
+    "'finetune:STEPS[:LR][:bN]' (e.g. finetune:20:1e-4:b8)"
 )
 
 
@@ -217,16 +218,24 @@ def _parse_weight_activation(spec: str, kind: str, positional: list[str], option
 
 def _parse_finetune(spec: str, positional: list[str], options: dict[str, str]) -> Threat:
     _reject_unknown(spec, options, {"steps", "lr", "batch"})
-    if len(positional) > 1 or (positional and "steps" in options):
-        raise _spec_error(spec, "finetune takes one STEPS field")
-    steps_text = options.get("steps", positional[0] if positional else None)
+    fields = list(positional)
+    steps_text = options.get("steps") or (fields.pop(0) if fields else None)
     if steps_text is None:
         raise _spec_error(spec, "finetune needs a number of steps")
+    lr_text, batch_text = options.get("lr"), options.get("batch")
+    # Positional forms (finetune:40:5e-5:b8) need no '=', which Hydra's override grammar rejects unquoted.
+    for field in fields:
+        if (match := _BLOCK.fullmatch(field.lower())) and batch_text is None:
+            batch_text = match.group(1)
+        elif lr_text is None:
+            lr_text = field
+        else:
+            raise _spec_error(spec, f"unexpected field {field!r} for finetune")
     try:
         return FineTuneAttack(
             steps=_parse_int(spec, steps_text, "steps"),
-            lr=_parse_number(spec, options.get("lr", "1e-4"), "lr"),
-            batch_size=_parse_int(spec, options.get("batch", "8"), "batch"),
+            lr=_parse_number(spec, lr_text or "1e-4", "lr"),
+            batch_size=_parse_int(spec, batch_text or "8", "batch"),
         )
     except ConfigError as exc:
         raise _spec_error(spec, str(exc)) from None
@@ -237,7 +246,7 @@ def parse_threat(spec: str) -> Threat:
 
     Forms: ``wnoise:SIGMA[:MODE][:seed=N]``, ``anoise:SIGMA[:MODE][:seed=N]``,
     ``rtn:int8|int4[:gN]``, ``bnb:int8|nf4|fp4[:bN][:dq]``, ``aquant:a8|a6|a4[:pPCT]``,
-    ``w8a8|w4a8|w4a4[:gN][:pPCT]``, ``finetune:STEPS[:lr=X][:batch=N]``; MODE is absolute, relative
+    ``w8a8|w4a8|w4a4[:gN][:pPCT]``, ``finetune:STEPS[:LR][:bN]``; MODE is absolute, relative
     (default) or multiplicative. Every threat's ``spec`` property parses back to an equal
     threat. Raises :class:`ConfigError` listing the valid forms on a bad spec.
     """
