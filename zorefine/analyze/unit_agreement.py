@@ -73,7 +73,12 @@ def agreement_markdown(run_dirs: list[Path], layers_run: Path | None = None) -> 
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     if perturbation:
         lines += ["", "Spearman correlation of each method's layer shares with the perturbation scores:", ""]
-        lines += [f"- {name}: {spearman(report['layer_shares'], perturbation):+.3f}" for name, (_, report, _) in zip(names, loaded)]
+        for name, (_, report, _) in zip(names, loaded):
+            if len(set(report["layer_shares"].values())) == 1:
+                # SSAH takes the same fraction of every group: equal shares carry no ranking.
+                lines.append(f"- {name}: undefined (the same share in every layer)")
+            else:
+                lines.append(f"- {name}: {spearman(report['layer_shares'], perturbation):+.3f}")
     if len(loaded) > 1:
         pairs = sorted(combinations(range(len(loaded)), 2), key=lambda p: jaccard(loaded[p[0]][2], loaded[p[1]][2]))
         low = pairs[0]
