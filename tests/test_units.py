@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import _micro_config, make_cfg
+from tests.conftest import TINY_SAFETY, _micro_config, make_cfg
 from tests.tiny_models import ARCHS, tiny_input_ids, tiny_model
 from zorefine.analyze.attribution import channel_statistics, snip_scores, ssah_scores, wanda_scores
 from zorefine.analyze.unit_classes import SSAH_CLASSES, class_size, set_difference, ssah_classes
@@ -269,7 +269,9 @@ def test_analyze_with_a_unit_method_writes_units_masks_and_a_layer_selection(met
     assert report["cost"]["attribution"]["forward"] >= 2
     assert (report["cost"]["attribution"]["backward"] > 0) == (method in ("snip_diff", "safeseek"))
     masks = load_masks(tmp_path / "units.safetensors")
-    assert {label: count_entries(m) for label, m in masks.items()} == {label: s["entries"] for label, s in report["sets"].items()}
+    assert {label: count_entries(m) for label, m in masks.items() if label in report["sets"]} == {label: s["entries"] for label, s in report["sets"].items()}
+    # SSAH also keeps its common units (not ablated: most of the model) for freezing.
+    assert set(masks) - set(report["sets"]) == ({"cu"} if method == "ssah" else set())
     assert abs(sum(report["layer_shares"].values()) - 1) < 1e-9
     selection = json.loads((tmp_path / "selection.json").read_text())
     assert selection["units"] == summary["selected"]
@@ -561,3 +563,30 @@ def test_one_run_can_find_a_unit_set_and_refine_it(micro_checkpoint, tmp_path):
     assert missing_outputs(run, Stage.analyze, run.stage_summary(Stage.analyze)) == []
     with pytest.raises(ConfigError, match="units_file=analyze"):
         validate(make_cfg(micro_checkpoint, **{"refine.units_file": "analyze"}))
+
+
+def test_zorefine_finetune_saves_a_checkpoint_with_the_frozen_sets_unchanged(micro_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from zorefine.analyze import stage as analyze
+    from zorefine.finetune import main
+    from zorefine.run import Run
+
+    analysis = tmp_path / "analysis"
+    analyze.run(Run(make_cfg(micro_checkpoint, stages="[analyze]", **{
+        "align.enabled": False, "analyze.method": "ssah", "analyze.units.prompts": 4, "analyze.units.ablation_prompts": 2,
+        "analyze.units.ablation_draws": 1, "analyze.units.max_new_tokens": 2}), analysis))
+    units = analysis / "units.safetensors"
+    main([str(micro_checkpoint), str(tmp_path / "tuned"), "--steps", "2", "--lr", "1e-2", "--batch-size", "2",
+          "--data", str(TINY_SAFETY), "--freeze", f"{units}:scu+cu"])
+    frozen = load_masks(units)
+    before = load_file(str(micro_checkpoint / "model.safetensors"))
+    after = load_file(str(tmp_path / "tuned" / "model.safetensors"))
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    assert moved
+    for label in ("scu", "cu"):
+        for name, mask in frozen[label].items():
+            assert torch.equal(after[name][mask], before[name][mask])
+    with pytest.raises(SystemExit):
+        main([str(micro_checkpoint), str(tmp_path / "bad"), "--steps", "1", "--lr", "1e-2", "--freeze", f"{units}:nope"])
+    assert "holds no set" in capsys.readouterr().err

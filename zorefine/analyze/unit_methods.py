@@ -72,6 +72,8 @@ class UnitSets:
     # Per-unit scores worth keeping (SSAH's importances, SafeSeek's mask logits), by name; Wei et
     # al.'s entry scores are as large as the model and are not kept.
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Sets saved for later use (freezing, alignment) but not ablated: SSAH's CU is most of the model.
+    saved_only: dict[str, Masks] = field(default_factory=dict)
 
 
 def _pairs(run: Run, kind: str, limit: int | None) -> list[Pair]:
@@ -95,7 +97,7 @@ def ssah_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[Pair
     # CU is most of the model: ablating it measures nothing about safety and costs a full row.
     freeze = {"scu": sets["scu"], "scu+cu": union_masks(sets["scu"], sets["cu"])}
     kept = {f"{label}::{key}": value for label, by_group in scores.items() for key, value in by_group.items()}
-    return UnitSets({k: v for k, v in sets.items() if k != "cu"}, random_like, "scu", freeze, passes, details, kept)
+    return UnitSets({k: v for k, v in sets.items() if k != "cu"}, random_like, "scu", freeze, passes, details, kept, {"cu": sets["cu"]})
 
 
 def difference_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[Pair], score: str) -> UnitSets:
@@ -222,7 +224,7 @@ def run_unit_method(run: Run) -> dict[str, Any]:
                  "seconds": seconds},
     }
     if run.processes.is_main:
-        save_masks(run.run_dir / MASKS_FILE, found.sets)
+        save_masks(run.run_dir / MASKS_FILE, {**found.sets, **found.saved_only})
         if found.scores:
             save_file({k: v.contiguous() for k, v in found.scores.items()}, str(run.run_dir / SCORES_FILE))
         write_json_atomic(run.run_dir / UNITS_FILE, report)
