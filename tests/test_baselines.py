@@ -117,3 +117,110 @@ def test_non_finite_first_order_step_changes_nothing():
     result = trainer.step(0, [lambda: model(input_ids=ids, labels=ids).loss * float("nan")])
     assert result != result
     assert all(torch.equal(p, start[n]) for n, p in params.items())
+
+
+def _quadratic(values: torch.Tensor, curvature: torch.Tensor):
+    """A one-parameter model whose loss ½Σ c·θ² has the gradient c·θ: SAM's points are known."""
+    model = torch.nn.Module()
+    model.theta = torch.nn.Parameter(values.clone())
+    return model, (lambda: 0.5 * (curvature * model.theta**2).sum())
+
+
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_sam_ascent_point_follows_its_radius_mode(mode):
+    values, curvature, rho = torch.tensor([0.0, 1.0, -2.0, 4.0]), torch.tensor([1.0, 3.0, 2.0, 0.5]), 0.1
+    model, loss = _quadratic(values, curvature)
+    trainer = FirstOrderTrainer(model, dict(model.named_parameters()), FirstOrderSettings("sam", lr=0.0, sam_rho=rho, sam_rho_mode=mode))
+    trainer._sam_gradient([loss])
+    grad = curvature * values
+    if mode == "absolute":
+        move = rho * grad / grad.norm()
+    else:
+        # Adaptive SAM: the ball is stretched by |θ| entry-wise (an entry at zero does not move).
+        move = rho * values.abs() ** 2 * grad / (values.abs() * grad).norm()
+    torch.testing.assert_close(model.theta.grad, curvature * (values + move))
+
+
+def test_threat_aware_first_order_takes_the_gradient_at_the_quantized_weights():
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ids = torch.arange(12).unsqueeze(0)
+    params = dict(model.named_parameters())
+    start = {n: p.detach().clone() for n, p in params.items()}
+
+    def loss() -> torch.Tensor:
+        return model(input_ids=ids, labels=ids).loss
+
+    def grads_under(threat) -> dict[str, torch.Tensor]:
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        from zorefine.threats import threatened
+
+        with threatened(model, threat):
+            loss().backward()
+        out = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+        for p in params.values():
+            p.grad = None
+        return out
+
+    at_quantized, at_clean = grads_under("rtn:int4"), grads_under([])
+    trainer = FirstOrderTrainer(model, params, FirstOrderSettings("fo_threat", lr=1e-3, threat="rtn:int4"))
+    trainer.step(0, [loss])
+    trainer.release()
+    name = "model.layers.0.mlp.down_proj.weight"
+    moved = (params[name].detach() - start[name]).sign()
+    # AdamW's first step moves every entry by -lr·sign(g): the sign is the quantized point's.
+    significant = at_quantized[name].abs() > 1e-6
+    assert torch.equal(moved[significant], -at_quantized[name].sign()[significant])
+    assert not torch.equal(at_quantized[name].sign(), at_clean[name].sign())  # the threat mattered
+
+
+def test_a_first_order_method_on_a_unit_set_moves_only_those_entries():
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ids = torch.arange(12).unsqueeze(0)
+    params = dict(model.named_parameters())
+    start = {n: p.detach().clone() for n, p in params.items()}
+    name = "model.layers.1.mlp.down_proj.weight"
+    mask = torch.zeros_like(params[name], dtype=torch.bool)
+    mask[:, :3] = True  # three MLP neurons' output columns
+    trainer = FirstOrderTrainer(model, params, FirstOrderSettings("sam", lr=1e-2), trainable={name: mask})
+    trainer.step(0, [lambda: model(input_ids=ids, labels=ids).loss])
+    trainer.release()
+    changed = params[name].detach() != start[name]
+    assert bool(changed[mask].all()) and not bool(changed[~mask].any())
+    assert all(torch.equal(p, start[n]) for n, p in params.items() if n != name)
+    with pytest.raises(ConfigError, match="weight decay"):
+        FirstOrderTrainer(model, params, FirstOrderSettings("sft", weight_decay=0.1), trainable={name: mask})
+
+
+def test_fo_threat_and_unit_sets_are_checked_with_the_config():
+    with pytest.raises(ConfigError, match="fo_threat trains under refine.objective_threat"):
+        validate(make_cfg(None, **{"refine.method": "fo_threat"}))
+    with pytest.raises(ConfigError, match="sam_rho_mode"):
+        validate(make_cfg(None, **{"refine.sam_rho_mode": "scaled"}))
+    with pytest.raises(ConfigError, match="chooses its own units"):
+        validate(make_cfg(None, **{"refine.method": "zo_full", "refine.units_file": "analyze"}))
+
+
+def test_fo_threat_refines_on_a_unit_set_and_charges_the_attribution(micro_checkpoint, tmp_path):
+    from zorefine.models.param_masks import save_masks
+    from zorefine.refine.budget import analysis_forward_passes
+
+    base = _weights(micro_checkpoint)
+    target = next(k for k in base if ".1." in k and k.endswith("weight") and base[k].dim() == 2)
+    mask = torch.zeros_like(base[target], dtype=torch.bool)
+    mask[:2] = True
+    units = tmp_path / "units" / "units.safetensors"
+    units.parent.mkdir()
+    save_masks(units, {"scu": {target: mask}})
+    (units.parent / "units.json").write_text(json.dumps({"cost": {"attribution": {"forward": 8, "backward": 8}}}))
+    cfg = make_cfg(micro_checkpoint, **{"refine.method": "fo_threat", "refine.objective_threat": "rtn:int4",
+                                        "refine.fo_lr": 1e-2, "refine.units_file": str(units)})
+    validate(cfg)
+    run = Run(cfg, tmp_path / "run")
+    summary = refine.run(run)
+    assert summary["num_parameters"] == int(mask.sum()) and summary["layers"] == [1]
+    assert _changed(micro_checkpoint, tmp_path / "run") == {target}
+    assert analysis_forward_passes(run) == 8 + 2 * 8 == summary["analysis_forward_passes"]

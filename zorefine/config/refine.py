@@ -17,7 +17,7 @@ from zorefine.errors import ConfigError
 from zorefine.threats import parse_threat
 from zorefine.zo.engine import SCHEDULES, ZOSettings
 
-REFINE_METHODS = ("zo", "zo_full", "zo_random", "sft", "sam", "rwp")
+REFINE_METHODS = ("zo", "zo_full", "zo_random", "sft", "sam", "rwp", "fo_threat")
 UNIT_SCHEDULES = ("joint", "curvature")
 # What the objective asks the model to say (see ``RefineConfig.targets``).
 TARGET_MODES = ("reference", "self", "self_benign")
@@ -38,7 +38,9 @@ class RefineConfig:
     # "zo": ZO on the analyzer's selection. Baselines, at an equal forward-pass budget:
     # "zo_full" (MeZO on every decoder layer), "zo_random" (ZO on as many randomly chosen
     # units), "sft" (continued first-order SFT), "sam" (sharpness-aware minimisation),
-    # "rwp" (random-weight-perturbation training). First-order methods train every parameter.
+    # "rwp" (random-weight-perturbation training), "fo_threat" (the gradient of the loss under
+    # refine.objective_threat, straight-through for quantizers, applied at the clean weights).
+    # First-order methods train every parameter, or only refine.units_file's set.
     method: str = "zo"
     # Chosen on the val split (experiments/README.md): 200 steps of lr 0.05 with ε = 0.5 × each
     # tensor's RMS gave the largest robustness gain that kept clean refusal and utility.
@@ -97,11 +99,13 @@ class RefineConfig:
     on_divergence: str = "stop"
     divergence_loss_factor: float = 2.0
     divergence_weight_factor: float = 10.0
-    # First-order baselines: AdamW learning rate and weight decay, SAM radius (absolute), RWP
-    # noise (relative to each tensor's RMS, as in the threat grid).
+    # First-order baselines: AdamW learning rate and weight decay, SAM radius (sam_rho_mode
+    # "absolute": a ball in parameter space; "relative": scaled entry-wise by |θ|, adaptive SAM),
+    # RWP noise (relative to each tensor's RMS, as in the threat grid).
     fo_lr: float = 1e-4
     fo_weight_decay: float = 0.0
     sam_rho: float = 0.05
+    sam_rho_mode: str = "absolute"
     rwp_sigma: float = 0.05
 
 
@@ -141,6 +145,13 @@ def check_refine(cfg: DictConfig) -> None:
     if cfg.objective_threat is not None:
         require(not hasattr(parse_threat(cfg.objective_threat), "with_data"),
                 "refine.objective_threat cannot be a finetune attack: ZO reads the loss of a fixed perturbed model")
+    require(cfg.method != "fo_threat" or cfg.objective_threat is not None,
+            "refine.method=fo_threat trains under refine.objective_threat: set it (e.g. refine.objective_threat=w4a4:g32)")
+    require(cfg.sam_rho_mode in ("absolute", "relative"), f"refine.sam_rho_mode must be absolute or relative; got {cfg.sam_rho_mode!r}")
+    if cfg.units_file is not None and cfg.method in ("zo_full", "zo_random"):
+        raise ConfigError(f"refine.method={cfg.method} chooses its own units: it cannot take refine.units_file")
+    if cfg.units_file is not None and cfg.method in ("sft", "sam", "rwp", "fo_threat"):
+        require(cfg.fo_weight_decay == 0, "a first-order method on refine.units_file needs refine.fo_weight_decay=0 (decay would move the frozen entries)")
     require(cfg.unit_schedule in UNIT_SCHEDULES, "refine.unit_schedule must be 'joint' or 'curvature'")
     for key in ("lr_schedule", "eps_schedule"):
         require(cfg[key] in SCHEDULES, f"refine.{key} must be constant, linear or cosine")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from zorefine.refine.first_order import FIRST_ORDER_METHODS, FORWARD_COST
-from zorefine.run import SENSITIVITY_FILE, Run
+from zorefine.run import MASKS_FILE, SENSITIVITY_FILE, UNITS_FILE, Run
 
 
 def _zo_step_cost(cfg) -> int:
@@ -21,13 +21,32 @@ def step_cost(cfg) -> int:
     return _zo_step_cost(cfg)
 
 
-def analysis_forward_passes(run: Run) -> int:
-    """What the analysis behind this run's selection cost, when the method uses its ranking (``zo``).
+def _units_analysis_passes(run: Run) -> int:
+    """Forward-pass equivalents of the attribution behind ``refine.units_file`` (a backward is two).
 
-    Explicit ``refine.layers`` and the controls (``zo_random`` uses only the selection's size,
-    ``zo_full`` and first-order methods none) spend no analysis.
+    The ablation and freezing tables the unit analysis also writes validate the sets; the
+    selection does not need them, so they are not charged (they are in ``units.json``).
     """
     cfg = run.cfg.refine
+    masks = run.run_dir / MASKS_FILE if cfg.units_file == "analyze" else Path(cfg.units_file)
+    report = masks.parent / UNITS_FILE
+    if not report.is_file():
+        return 0
+    attribution = (json.loads(report.read_text()).get("cost") or {}).get("attribution") or {}
+    return int(attribution.get("forward", 0)) + 2 * int(attribution.get("backward", 0))
+
+
+def analysis_forward_passes(run: Run) -> int:
+    """What the analysis behind this run's selection cost, when the method uses it.
+
+    A unit set (``refine.units_file``, any method) costs its attribution; the analyzer's layer
+    ranking is charged to ``zo``. Explicit ``refine.layers`` and the controls (``zo_random`` uses
+    only the selection's size, ``zo_full`` and first-order methods on every parameter none)
+    spend no analysis.
+    """
+    cfg = run.cfg.refine
+    if cfg.units_file is not None:
+        return _units_analysis_passes(run)
     if cfg.method != "zo" or cfg.layers is not None:
         return 0
     source = Path(cfg.selection_file).parent if cfg.selection_file else run.run_dir

@@ -8,25 +8,40 @@ per-step batches the ZO refiner sees:
   ``θ + ρ·g/‖g‖``, the worst case in a ρ-ball, then applied at θ;
 - ``rwp``: random weight perturbation (noise-injection) training: the gradient is taken under
   a fresh relative Gaussian weight-noise sample each step (the same
-  :class:`~zorefine.threats.WeightNoise` threat the evaluation uses), then applied at θ.
+  :class:`~zorefine.threats.WeightNoise` threat the evaluation uses), then applied at θ;
+- ``fo_threat``: the threat-aware first-order patch (Q-resafe-like): the gradient of the loss of
+  the model under a threat spec (``rtn:int4``, ``w4a4:g32``, ``wnoise:0.05``, ...; a fresh
+  sample each step for random threats), taken at the threatened weights and applied at θ. For a
+  quantizer that is the straight-through estimator: ∂L(Q(θ))/∂Q(θ) stands in for ∂L(Q(θ))/∂θ.
+
+SAM's ρ is absolute (a ball of radius ρ in parameter space) or, with ``sam_rho_mode="relative"``,
+relative to the weights (adaptive SAM, Kwon et al. 2021: the ball is scaled entry-wise by |θ|,
+so a layer's move is proportional to its own scale, as the threats' relative noise is).
+
+Any method can be restricted to a set of entries (``trainable`` masks, e.g. safety-critical
+units): the other entries get a zero gradient and do not move.
 
 Cost, in forward-pass equivalents per micro-batch (a backward counts as two forwards):
-``sft`` and ``rwp`` 3, ``sam`` 6. A ZO step costs 2 per direction.
+``sft``, ``rwp`` and ``fo_threat`` 3, ``sam`` 6. A ZO step costs 2 per direction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from zorefine.threats import WeightNoise, threatened
+from zorefine.errors import ConfigError
+from zorefine.models.param_masks import freeze_masked
+from zorefine.threats import Threat, WeightNoise, parse_threat, threatened
 from zorefine.threats.streams import stream_seed
 
-FIRST_ORDER_METHODS = ("sft", "sam", "rwp")
-FORWARD_COST = {"sft": 3, "sam": 6, "rwp": 3}
+FIRST_ORDER_METHODS = ("sft", "sam", "rwp", "fo_threat")
+FORWARD_COST = {"sft": 3, "sam": 6, "rwp": 3, "fo_threat": 3}
+SAM_RHO_MODES = ("absolute", "relative")
 
 # One step's loss: called with gradients enabled, returns a scalar tensor to backpropagate.
 LossFn = Callable[[], torch.Tensor]
@@ -39,12 +54,18 @@ class FirstOrderSettings:
     method: str = "sft"
     lr: float = 1e-4
     weight_decay: float = 0.0
-    sam_rho: float = 0.05  # SAM ball radius (absolute, in parameter space)
+    sam_rho: float = 0.05  # SAM ball radius (in parameter space, or relative to |θ| entry-wise)
     rwp_sigma: float = 0.05  # RWP noise, relative to each tensor's RMS
+    sam_rho_mode: str = "absolute"
+    threat: Optional[str] = None  # fo_threat's threat spec
 
     def __post_init__(self) -> None:
         if self.method not in FIRST_ORDER_METHODS:
             raise ValueError(f"first-order method must be one of {FIRST_ORDER_METHODS}, got {self.method!r}")
+        if self.sam_rho_mode not in SAM_RHO_MODES:
+            raise ValueError(f"sam_rho_mode must be one of {SAM_RHO_MODES}, got {self.sam_rho_mode!r}")
+        if self.method == "fo_threat" and not self.threat:
+            raise ValueError("fo_threat needs a threat spec (refine.objective_threat)")
 
 
 class FirstOrderTrainer:
@@ -54,16 +75,38 @@ class FirstOrderTrainer:
         model: the model; only ``params`` are trained (the rest are frozen for the run).
         params: the trainable parameters by name.
         settings: the step rule and its hyper-parameters.
-        seed: seeds the RWP noise samples (one per step).
+        seed: seeds the RWP and threat samples (one per step, from the training noise stream).
+        trainable: boolean masks per parameter name: only those entries move (the names must be
+            in ``params``; parameters without a mask are not trained). ``None``: all of ``params``.
     """
 
-    def __init__(self, model: torch.nn.Module, params: Mapping[str, torch.nn.Parameter], settings: FirstOrderSettings, seed: int = 0) -> None:
-        self.model, self.params, self.settings, self.seed = model, dict(params), settings, seed
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: Mapping[str, torch.nn.Parameter],
+        settings: FirstOrderSettings,
+        seed: int = 0,
+        trainable: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.model, self.settings, self.seed = model, settings, seed
+        self.params = dict(params) if trainable is None else {name: params[name] for name in trainable if name in params}
+        if trainable is not None and settings.weight_decay:
+            # Decoupled weight decay shrinks every entry the optimizer holds, gradient or not.
+            raise ConfigError("training a unit set needs weight decay 0 (refine.fo_weight_decay): it would move the frozen entries")
         for param in model.parameters():
             param.requires_grad_(False)
         for param in self.params.values():
             param.requires_grad_(True)
+        self._hooks = [] if trainable is None else freeze_masked(self.params, {n: ~m.bool() for n, m in trainable.items() if n in self.params})
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self._threat = parse_threat(settings.threat) if settings.method == "fo_threat" else None
+
+    def _step_threat(self, step: int) -> Threat:
+        """This step's threat: random threats get a fresh draw of the training stream."""
+        threat = self._threat
+        if hasattr(threat, "seed"):
+            threat = dataclasses.replace(threat, seed=stream_seed("train", self.seed * 1_000_003 + step))
+        return threat
 
     def _backward(self, loss_fns: Sequence[LossFn]) -> float:
         """Accumulate the mean gradient of the micro-batch losses; returns the mean loss."""
@@ -87,6 +130,11 @@ class FirstOrderTrainer:
                 noise = WeightNoise(self.settings.rwp_sigma, "relative", seed=stream_seed("train", self.seed * 1_000_003 + step))
                 with threatened(self.model, noise, self.params):
                     loss = self._backward(loss_fns)
+            elif method == "fo_threat":
+                # Decoder weights, as the evaluation threatens them; restored exactly before the
+                # optimizer step, so the threatened point's gradient moves the clean weights.
+                with threatened(self.model, self._step_threat(step)):
+                    loss = self._backward(loss_fns)
             else:
                 loss = self._sam_gradient(loss_fns)
             grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params.values())
@@ -102,16 +150,18 @@ class FirstOrderTrainer:
     def _sam_gradient(self, loss_fns: Sequence[LossFn]) -> float:
         """Leave in ``.grad`` the gradient at the worst point of the ρ-ball; returns L(θ)."""
         loss = self._backward(loss_fns)
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        norm = torch.norm(torch.stack([g.float().norm() for g in grads])) if grads else torch.tensor(0.0)
-        scale = self.settings.sam_rho / (float(norm) + 1e-12)
-        moves: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        relative = self.settings.sam_rho_mode == "relative"
         with torch.no_grad():
-            for param in self.params.values():
-                if param.grad is not None:
-                    move = param.grad * scale
-                    param.add_(move)
-                    moves.append((param, move))
+            # Adaptive SAM: ε = ρ·T²g/‖Tg‖ with T = |θ|; plain SAM: ε = ρ·g/‖g‖.
+            scaled = {name: p.grad * p.abs() if relative else p.grad for name, p in self.params.items() if p.grad is not None}
+            norm = torch.norm(torch.stack([g.float().norm() for g in scaled.values()])) if scaled else torch.tensor(0.0)
+            scale = self.settings.sam_rho / (float(norm) + 1e-12)
+            moves: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+            for name, direction in scaled.items():
+                param = self.params[name]
+                move = direction * param.abs() * scale if relative else direction * scale
+                param.add_(move)
+                moves.append((param, move))
         self.optimizer.zero_grad(set_to_none=True)
         try:
             self._backward(loss_fns)
@@ -126,6 +176,9 @@ class FirstOrderTrainer:
     def release(self) -> None:
         """Drop optimizer state and gradients, and freeze the model again for evaluation."""
         self.optimizer.state.clear()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         for param in self.params.values():
             param.grad = None
             param.requires_grad_(False)

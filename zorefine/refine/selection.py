@@ -14,14 +14,20 @@ from zorefine.models.units import discover_units
 from zorefine.run import MASKS_FILE, SELECTION_FILE, Run
 
 
+def units_path(run: Run) -> Path:
+    """The ``units.safetensors`` that ``refine.units_file`` names (``analyze``: this run's)."""
+    cfg = run.cfg.refine
+    path = run.run_dir / MASKS_FILE if cfg.units_file == "analyze" else Path(cfg.units_file)
+    if not path.is_file():
+        raise ConfigError(f"no unit sets: {path} is missing; run analyze with a unit method (analyze.method=ssah, ...)")
+    return path
+
+
 def selection_for(run: Run, model: torch.nn.Module) -> Selection:
     """What to refine: ``refine.units_file``, else ``refine.layers``, else ``refine.selection_file``, else analyze's choice."""
     cfg = run.cfg.refine
     if cfg.units_file is not None:
-        path = run.run_dir / MASKS_FILE if cfg.units_file == "analyze" else Path(cfg.units_file)
-        if not path.is_file():
-            raise ConfigError(f"no unit sets: {path} is missing; run analyze with a unit method (analyze.method=ssah, ...)")
-        return Selection.of_entries(path, cfg.units_set, model)
+        return Selection.of_entries(units_path(run), cfg.units_set, model)
     if cfg.layers is not None:
         decoder = find_decoder_layers(model)
         bad = [i for i in cfg.layers if not 0 <= i < len(decoder)]
