@@ -91,3 +91,25 @@ def test_a_self_target_cut_at_its_token_limit_is_not_taught_to_end(micro_checkpo
     open_ended, closed = encode_batch(tokenizer, cut[:1], 96), encode_batch(tokenizer, [cut[0][:2]], 96)
     assert tokenizer.eos_token_id not in open_ended["labels"][0].tolist()
     assert tokenizer.eos_token_id in closed["labels"][0].tolist()
+
+
+def test_self_targets_are_decoded_once_per_start_model_and_read_back(micro_checkpoint, tmp_path, monkeypatch):
+    cache = tmp_path / "targets"
+    cfg = make_cfg(micro_checkpoint, **{"refine.target_tokens": 4, "refine.targets_cache_dir": str(cache)})
+    first_run = Run(cfg, tmp_path / "first")
+    model, tokenizer = first_run.load_model(micro_checkpoint)
+    first = batches.refinement_pairs(first_run, model, tokenizer)
+    assert len(list(cache.glob("*.json"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(batches, "training_pairs", no_decoding)
+    second = batches.refinement_pairs(Run(cfg, tmp_path / "second"), model, tokenizer)
+    assert second.benign == first.benign and second.harmful == first.harmful
+    # Still charged: a run refining once would have spent it.
+    assert second.generation_forward_passes == first.generation_forward_passes > 0
+    # Another setting is another entry: it decodes.
+    other = make_cfg(micro_checkpoint, **{"refine.target_tokens": 5, "refine.targets_cache_dir": str(cache)})
+    with pytest.raises(AssertionError, match="decoded again"):
+        batches.refinement_pairs(Run(other, tmp_path / "third"), model, tokenizer)

@@ -29,7 +29,7 @@ STAGE_CONFIG: dict[Stage, tuple[str, ...]] = {
 # Settings that change where results are cached or how a step is computed, not what is written
 # (the ZO trajectory is the same with or without them; see zorefine.refine.resume).
 NOT_IDENTITY = frozenset({
-    "align.cache_dir", "evaluate.cache_dir", "refine.log_every", "refine.prefix_cache", "refine.zo.store", "refine.deepspeed",
+    "align.cache_dir", "evaluate.cache_dir", "refine.targets_cache_dir", "refine.log_every", "refine.prefix_cache", "refine.zo.store", "refine.deepspeed",
 })
 
 

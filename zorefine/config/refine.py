@@ -69,6 +69,9 @@ class RefineConfig:
     targets: str = "self_benign"
     # Greedy tokens per self target.
     target_tokens: int = 24
+    # A directory where self targets are kept by a hash of the start checkpoint and the setting,
+    # so the runs of a sweep decode them once. null = decode in every run.
+    targets_cache_dir: Optional[str] = None
     # Evaluate the objective on the model under a threat (e.g. "rtn:int4", "wnoise:0.05"):
     # one noise sample per step, shared by the + and - passes. null = the clean model.
     objective_threat: Optional[str] = None

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+import zorefine
 from zorefine.distributed.processes import Processes
+from zorefine.models.fingerprint import checkpoint_fingerprint, content_key
 from zorefine.models.loading import write_json_atomic
 from zorefine.models.objectives import encode_batch
 from zorefine.refine.targets import TrainingPairs, training_pairs
@@ -50,15 +54,49 @@ def reference_pairs(run: Run) -> TrainingPairs:
     return TrainingPairs(harmful, benign)
 
 
+def targets_key(run: Run, reference: TrainingPairs) -> str:
+    """A hash of everything the start model's greedy targets depend on."""
+    cfg = run.cfg.refine
+    return content_key({
+        "zorefine": zorefine.__version__,
+        "checkpoint": checkpoint_fingerprint(run.aligned_checkpoint),
+        "targets": cfg.targets,
+        "target_tokens": cfg.target_tokens,
+        "prompts": [prompt for prompt, *_ in reference.harmful + reference.benign],
+        "model": {k: run.cfg.model[k] for k in ("dtype", "device")},
+        "torch": torch.__version__,
+    })
+
+
+def _cached_pairs(path: Path | None) -> TrainingPairs | None:
+    if path is None or not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return TrainingPairs([tuple(p) for p in data["harmful"]], [tuple(p) for p in data["benign"]], data["generation_forward_passes"])
+
+
 def refinement_pairs(run: Run, model, tokenizer) -> TrainingPairs:
-    """The pairs of ``refine.targets``: the data's responses, or the starting model's own."""
+    """The pairs of ``refine.targets``: the data's responses, or the starting model's own.
+
+    With ``refine.targets_cache_dir`` the start model's responses are decoded once per model and
+    setting and read back by every later run (a sweep's methods and seeds). Their decoding cost
+    is charged to every run all the same: a user refining once would spend it.
+    """
     cfg = run.cfg.refine
     reference = reference_pairs(run)
     if cfg.targets == "reference":
         return reference
     started = time.perf_counter()
-    pairs = training_pairs(model, tokenizer, reference.harmful, reference.benign, cfg.targets, cfg.target_tokens)
-    log.info("[refine] %s targets: the start model's greedy responses in %.1f s", cfg.targets, time.perf_counter() - started)
+    cached = Path(cfg.targets_cache_dir) / f"{targets_key(run, reference)}.json" if cfg.targets_cache_dir else None
+    pairs = _cached_pairs(cached)
+    if pairs is not None:
+        log.info("[refine] %s targets: read back from %s", cfg.targets, cached)
+    else:
+        pairs = training_pairs(model, tokenizer, reference.harmful, reference.benign, cfg.targets, cfg.target_tokens)
+        log.info("[refine] %s targets: the start model's greedy responses in %.1f s", cfg.targets, time.perf_counter() - started)
+        if cached is not None and run.processes.is_main:
+            write_json_atomic(cached, {"harmful": pairs.harmful, "benign": pairs.benign,
+                                       "generation_forward_passes": pairs.generation_forward_passes})
     if run.processes.is_main:
         # What the objective asked for, to read next to the trajectory.
         write_json_atomic(run.run_dir / TARGETS_FILE, {"targets": cfg.targets, "harmful": pairs.harmful, "benign": pairs.benign})

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 # Refine settings that change how a step is computed, not its result.
-HOW_NOT_WHAT = ("steps", "budget", "log_every", "prefix_cache", "store", "deepspeed")
+HOW_NOT_WHAT = ("steps", "budget", "log_every", "prefix_cache", "store", "deepspeed", "targets_cache_dir")
 
 
 def trajectory_settings(header: dict[str, Any]) -> dict[str, Any]:
