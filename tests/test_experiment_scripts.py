@@ -8,6 +8,7 @@ reading of the README.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,8 +18,11 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
+    module_name = f"experiments_{name.replace('/', '_')}"
+    spec = importlib.util.spec_from_file_location(module_name, EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up by name while the class is built.
+    sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -108,3 +112,56 @@ def test_the_judge_check_scores_hand_labels(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out.splitlines()[0])["three_way_agreement"] == 0.5
     module.score(completions, labels, fluency_max_nll=4.0)
     assert json.loads(capsys.readouterr().out.splitlines()[0])["three_way_agreement"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def study() -> ModuleType:
+    return _load_script("method_study/study")
+
+
+def _prepared(out: Path) -> None:
+    """The files the study's prepare phase leaves: analysis costs and the protocol's noise level."""
+    import json
+
+    (out / "prepare" / "layers").mkdir(parents=True)
+    (out / "prepare" / "layers" / "sensitivity.json").write_text(json.dumps({"cost": {"forward_passes": 122}}))
+    for method, backward in (("ssah", 0), ("wanda_diff", 3)):
+        (out / "prepare" / f"units_{method}").mkdir()
+        (out / "prepare" / f"units_{method}" / "units.json").write_text(json.dumps({"cost": {"attribution": {"forward": 8, "backward": backward}}}))
+    (out / "protocol.json").write_text(json.dumps({"anoise": 0.05}))
+
+
+def test_every_study_method_spends_the_same_total_budget(study, tmp_path, capsys) -> None:
+    _prepared(tmp_path)
+    runner = study.Study(tmp_path, tmp_path / "aligned", dry_run=True)
+    runner.tune()
+    jobs = capsys.readouterr().out.strip().splitlines()
+    assert len(jobs) == sum(len(m.configs) for m in study.methods(tmp_path)) == 28
+    for job in jobs:
+        options = dict(token.split("=", 1) for token in job.split()[1:] if "=" in token)
+        analysis = 122 if "selection_file" in job else 8 + 2 * 3 if "units_wanda_diff" in job else 8 if "units_ssah" in job else 0
+        assert int(options["refine.budget"]) + analysis == 162  # 20 ZO steps + the analyzer's 122 forwards
+        assert options["evaluate.split"] == "val" and "anoise:0.05" in options["evaluate.quantization"]
+    assert runner.total_budget(study.LARGE_FACTOR) == 810
+
+
+def _metrics(attack: float, overrefusal: float, utility: float) -> dict:
+    clean_before = {"overrefusal_rate": {"mean": 0.10}, "utility_loss": {"mean": 2.0}}
+    after = {"clean": {"overrefusal_rate": {"mean": overrefusal}, "utility_loss": {"mean": utility}},
+             "w4a8:g32": {"attack_success_rate": {"mean": attack}}}
+    return {"models": {"before": {"summary": {"clean": clean_before}}, "after": {"summary": after}}}
+
+
+def test_tuning_picks_the_lowest_attack_success_that_keeps_clean_behaviour(study, tmp_path) -> None:
+    import json
+
+    _prepared(tmp_path)
+    # sft's four configurations: the most robust one over-refuses, the next keeps everything.
+    for index, metrics in enumerate([_metrics(0.10, 0.16, 2.0), _metrics(0.20, 0.105, 2.01), _metrics(0.30, 0.10, 2.0), _metrics(0.15, 0.10, 2.2)]):
+        directory = tmp_path / "tune" / "sft" / f"c{index}"
+        directory.mkdir(parents=True)
+        (directory / "metrics.json").write_text(json.dumps(metrics))
+    scores = [study._tuning_scores(json.loads((tmp_path / "tune" / "sft" / f"c{i}" / "metrics.json").read_text())) for i in range(4)]
+    assert [s["keeps_clean"] for s in scores] == [False, True, True, False]
+    keepers = [i for i, s in enumerate(scores) if s["keeps_clean"]]
+    assert min(keepers, key=lambda i: scores[i]["attack_success"]) == 1

@@ -590,3 +590,16 @@ def test_zorefine_finetune_saves_a_checkpoint_with_the_frozen_sets_unchanged(mic
     with pytest.raises(SystemExit):
         main([str(micro_checkpoint), str(tmp_path / "bad"), "--steps", "1", "--lr", "1e-2", "--freeze", f"{units}:nope"])
     assert "holds no set" in capsys.readouterr().err
+
+
+def test_the_freezing_table_says_when_freezing_lost_more_refusal():
+    from zorefine.analyze.units_report import _freezing_verdict
+
+    def row(mean, low, high):
+        excludes = low > 0 or high < 0
+        return {"frozen": "scu", "keeps_refusal": excludes and mean > 0,
+                "refusal_minus_full_finetune": {"mean": mean, "low": low, "high": high, "excludes_zero": excludes}}
+
+    assert _freezing_verdict(row(0.35, 0.19, 0.52)) == "yes"
+    assert _freezing_verdict(row(-0.25, -0.40, -0.10)) == "no: lower than the full fine-tune"
+    assert _freezing_verdict(row(0.02, 0.0, 0.06)) == "no significant change"

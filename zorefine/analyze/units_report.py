@@ -14,6 +14,16 @@ def _interval(cell: Mapping[str, float] | None) -> str:
     return f"{cell['mean']:+.3f} [{cell['low']:+.3f}, {cell['high']:+.3f}]"
 
 
+def _freezing_verdict(row: dict) -> str:
+    """Whether freezing kept refusal above the full fine-tune, lost more of it, or neither."""
+    if row["keeps_refusal"]:
+        return "yes"
+    interval = row.get("refusal_minus_full_finetune") or {}
+    if interval.get("excludes_zero") and interval.get("mean", 0) < 0:
+        return "no: lower than the full fine-tune"
+    return "no significant change"
+
+
 def units_markdown(report: Mapping[str, Any]) -> str:
     """Markdown tables of the ablation validation and (when run) the freezing comparison."""
     ablation = report["ablation"]
@@ -49,7 +59,7 @@ def units_markdown(report: Mapping[str, Any]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for row in freezing["rows"]:
-            keeps = "" if row["frozen"] == "nothing" else ("yes" if row["keeps_refusal"] else "no significant change")
+            keeps = "" if row["frozen"] == "nothing" else _freezing_verdict(row)
             lines.append(
                 f"| {row['frozen']} | {100 * row['share']:.2f}% | {row['refusal']:.3f} | {row['overrefusal']:.3f} | {row['utility_loss']:.3f} "
                 f"| {_interval(row.get('refusal_minus_full_finetune'))} | {keeps} |"
