@@ -11,7 +11,7 @@ COMMON="align.cache_dir=$HOME/.cache/zorefine/aligned model.builtin.cache_dir=$H
 for m in ssah wanda_diff snip_diff safeseek; do
   zorefine 'stages=[align,analyze]' analyze.method=$m $COMMON hydra.run.dir=$B/$m
 done
-for spec in finetune:50:1e-3 finetune:100:3e-3 finetune:100:1e-2; do
+for spec in finetune:50:1e-3 finetune:100:3e-3 finetune:100:1e-2; do  # 1-2 min each
   zorefine 'stages=[align,analyze]' analyze.method=ssah analyze.units.finetune=$spec $COMMON hydra.run.dir=$B/ssah_${spec//:/_}
 done
 for m in wanda_diff snip_diff; do
