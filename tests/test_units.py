@@ -365,6 +365,31 @@ def test_evaluate_runs_the_finetune_attack_on_the_benign_training_pairs(micro_ch
     assert attacked["utility_loss"] != clean["utility_loss"]
 
 
+def test_evaluate_freezes_the_named_sets_while_the_finetune_attack_trains(micro_checkpoint, tmp_path):
+    from zorefine.config import validate
+    from zorefine.errors import ConfigError
+    from zorefine.evaluate import stage as evaluate
+    from zorefine.models.layers import decoder_parameters
+    from zorefine.models.loading import load_causal_lm
+    from zorefine.models.param_masks import save_masks
+    from zorefine.run import Run
+
+    model, _ = load_causal_lm(str(micro_checkpoint), "float32", "cpu")
+    everything = {name: torch.ones_like(p, dtype=torch.bool) for name, p in decoder_parameters(model).items()}
+    save_masks(tmp_path / "units.safetensors", {"all": everything})
+    attack = "finetune:2:lr=1e-2:batch=2"
+    cfg = make_cfg(micro_checkpoint, stages="[evaluate]", **{"align.enabled": False, "evaluate.quantization": f"[{attack}]",
+                                                              "evaluate.clean_max_prompts": 4,  # the threats' prompts
+                                                              "evaluate.finetune_freeze": f"{tmp_path / 'units.safetensors'}:all"})
+    validate(cfg)
+    evaluate.run(Run(cfg, tmp_path / "run"))
+    conditions = {c["label"]: c for c in json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]["model"]["conditions"]}
+    # Every decoder entry frozen: the attack trains nothing, and the model under it is the clean one.
+    assert conditions[attack]["utility_loss"] == conditions["clean"]["utility_loss"]
+    with pytest.raises(ConfigError, match="finetune_freeze"):
+        validate(make_cfg(micro_checkpoint, **{"evaluate.finetune_freeze": f"{tmp_path / 'missing.safetensors'}:all"}))
+
+
 def test_ssah_analysis_compares_freezing_during_a_benign_finetune(micro_checkpoint, tmp_path):
     from zorefine.analyze import stage as analyze
     from zorefine.run import Run

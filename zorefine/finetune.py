@@ -22,23 +22,9 @@ from zorefine.errors import ConfigError, ZorefineError
 from zorefine.models.finetune import finetune_steps
 from zorefine.models.layers import decoder_parameters
 from zorefine.models.loading import load_causal_lm, save_checkpoint
-from zorefine.models.param_masks import Masks, count_entries, load_masks, union_masks
+from zorefine.models.param_masks import count_entries, named_sets
 
-__all__ = ["frozen_sets", "main"]
-
-
-def frozen_sets(spec: str | None) -> Masks:
-    """The union of the sets named by ``FILE:SET[+SET...]`` (``None``: nothing frozen)."""
-    if not spec:
-        return {}
-    path, _, labels = spec.rpartition(":")
-    if not path or not labels:
-        raise ConfigError(f"--freeze wants FILE:SET[+SET...], e.g. run/units.safetensors:scu+cu; got {spec!r}")
-    sets = load_masks(Path(path))
-    missing = [label for label in labels.split("+") if label not in sets]
-    if missing:
-        raise ConfigError(f"{path} holds no set {missing}; it holds {sorted(sets)}")
-    return union_masks(*(sets[label] for label in labels.split("+")))
+__all__ = ["finetune_checkpoint", "main"]
 
 
 def finetune_checkpoint(model_dir: str, out_dir: str, steps: int, lr: float, data: str | None, freeze: str | None,
@@ -47,7 +33,7 @@ def finetune_checkpoint(model_dir: str, out_dir: str, steps: int, lr: float, dat
     rows = [e for e in load_examples(Path(data) if data else builtin_path("safety")) if e.kind == "benign" and (data or e.split == "train")]
     if not rows:
         raise ConfigError(f"{data or 'the built-in data'} has no benign rows to fine-tune on")
-    frozen = frozen_sets(freeze)
+    frozen = named_sets(freeze)
     model, tokenizer = load_causal_lm(model_dir, "float32", "cpu")
     params = decoder_parameters(model)
     unknown = [name for name in frozen if name not in params]

@@ -183,6 +183,10 @@ class Study:
             if method.name in MAIN_ROWS:
                 for seed in range(seeds):
                     self.refine_job(self.out / "test" / "large" / method.name / f"s{seed}", method, config, seed, LARGE_FACTOR, TEST_EVAL)
+        # SSAH's defence against the fine-tuning threat: the unrefined model, SCU + CU frozen while it trains.
+        frozen = f"{self.out / 'prepare' / 'units_ssah' / 'units.safetensors'}:scu+cu"
+        self.job(self.out / "test" / "ssah_freeze", {"stages": "[evaluate]", **TEST_EVAL, **self.eval_grid(),
+                                                     "evaluate.finetune_freeze": frozen}, "metrics.json")
 
 
 def _read(path: Path) -> dict:

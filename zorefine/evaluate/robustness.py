@@ -6,7 +6,9 @@ import contextlib
 import difflib
 import random
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -86,9 +88,18 @@ def threat_grid(sigmas: Sequence[float], seeds: int, quantization: Sequence[str]
     return grid
 
 
-def with_training_data(grid: Sequence[Condition], tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> list[Condition]:
-    """The grid with every threat that trains (the fine-tuning attack) bound to ``pairs``."""
-    return [replace(c, threat=c.threat.with_data(tokenizer, pairs, max_length)) if hasattr(c.threat, "with_data") else c for c in grid]
+def with_training_data(
+    grid: Sequence[Condition], tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, frozen: Mapping[str, torch.Tensor] | None = None
+) -> list[Condition]:
+    """The grid with every threat that trains (the fine-tuning attack) bound to ``pairs``, and
+    ``frozen`` entry masks kept fixed while it trains (a defence such as SSAH's SCU+CU)."""
+    bound = []
+    for condition in grid:
+        if hasattr(condition.threat, "with_data"):
+            threat = condition.threat.with_data(tokenizer, pairs, max_length)
+            condition = replace(condition, threat=replace(threat, frozen=frozen) if frozen else threat)
+        bound.append(condition)
+    return bound
 
 
 def subsample(items: Sequence, limit: int, seed: int = 0) -> list:

@@ -19,6 +19,7 @@ from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, fil
 from zorefine.data import builtin_path
 from zorefine.judge.registry import configured_judge
 from zorefine.models.loading import write_json_atomic
+from zorefine.models.param_masks import named_sets
 from zorefine.run import METRICS_FILE, Run
 from zorefine.evaluate.paired import OUTCOMES, paired_differences
 from zorefine.evaluate.report import write_report
@@ -88,6 +89,8 @@ def evaluation_key(run: Run, checkpoint: Path) -> str:
         "judge_files": checkpoint_fingerprint(run.cfg.evaluate.judge_path) if run.cfg.evaluate.judge_path else None,
         "data": file_digest(run.safety_file),
         "overrefusal": overrefusal,
+        # The frozen sets' content: a re-analysis writing the same path is another evaluation.
+        "finetune_freeze": file_digest(cfg["finetune_freeze"].rpartition(":")[0]) if cfg.get("finetune_freeze") else None,
         "seed": run.cfg.seed,
         "max_length": run.cfg.data.max_length,
         "model": {k: run.cfg.model[k] for k in ("dtype", "device")},
@@ -118,7 +121,8 @@ def _evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets:
     # Validation and test draw from their own noise streams: nothing tuned on val saw a test draw.
     grid = threat_grid(cfg.sigmas, cfg.seeds, cfg.quantization, stream=cfg.split)
     # The fine-tuning attack trains on what a user would: the benign training pairs.
-    grid = with_training_data(grid, tokenizer, [(e.prompt, e.response) for e in run.split("train", "benign")], run.cfg.data.max_length)
+    grid = with_training_data(grid, tokenizer, [(e.prompt, e.response) for e in run.split("train", "benign")], run.cfg.data.max_length,
+                              frozen=named_sets(cfg.finetune_freeze))
     results = evaluate_grid(
         model, tokenizer, sets, configured_judge(cfg.judge, cfg.judge_path), grid, cfg.max_new_tokens, cfg.batch_size,
         run.cfg.data.max_length, desc=f"evaluate {name}", clean_sets=clean_sets, fluency_max_nll=cfg.fluency_max_nll,

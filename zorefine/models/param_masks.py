@@ -24,6 +24,7 @@ __all__ = [
     "count_entries",
     "freeze_masked",
     "load_masks",
+    "named_sets",
     "random_entries_like",
     "random_units_like",
     "save_masks",
@@ -114,3 +115,18 @@ def load_masks(path: Path) -> dict[str, Masks]:
         label, _, name = key.partition("::")
         sets.setdefault(label, {})[name] = tensor.bool()
     return sets
+
+
+def named_sets(spec: str | None) -> Masks:
+    """The union of the sets named by ``FILE:SET[+SET...]`` (e.g. ``run/units.safetensors:scu+cu``;
+    ``None`` or empty: no entries)."""
+    if not spec:
+        return {}
+    path, _, labels = spec.rpartition(":")
+    if not path or not labels:
+        raise ConfigError(f"unit sets are named FILE:SET[+SET...], e.g. run/units.safetensors:scu+cu; got {spec!r}")
+    sets = load_masks(Path(path))
+    missing = [label for label in labels.split("+") if label not in sets]
+    if missing:
+        raise ConfigError(f"{path} holds no set {missing}; it holds {sorted(sets)}")
+    return union_masks(*(sets[label] for label in labels.split("+")))
