@@ -21,7 +21,6 @@ Usage: ``python bench/unit_step.py [--model builtin|100m] [--batch 8] [--seq 96]
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -29,7 +28,7 @@ import time
 import torch
 
 # Run as a script (python bench/unit_step.py): its sibling is importable by name.
-from zo_step import MODELS, batch_for, build
+from zo_step import batch_for, build, model_arguments
 from zorefine.models.layers import find_decoder_layers
 from zorefine.models.neurons import find_unit_groups
 from zorefine.models.param_masks import units_to_masks
@@ -99,12 +98,7 @@ def measure(model_name: str, batch: int, seq: int, repeats: int) -> dict[str, fl
 
 def main() -> None:
     """Print the JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="builtin", choices=sorted(MODELS))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = model_arguments(__doc__.splitlines()[0]).parse_args()
     print(json.dumps(measure(args.model, args.batch, args.seq, args.repeats), indent=2))
 
 

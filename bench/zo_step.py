@@ -256,12 +256,18 @@ def peak_memory_ratios(model_name: str, batch: int, seq: int) -> dict[str, float
     return {f"{tag}/peak_memory_over_inference": child(mode) / inference for tag, mode in modes.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every ZO benchmark takes: the model config, the batch, the repeats."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="builtin", choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5)
+    return parser
+
+
+def main() -> None:
+    parser = model_arguments(__doc__.splitlines()[0])
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
