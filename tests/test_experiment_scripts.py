@@ -165,3 +165,41 @@ def test_tuning_picks_the_lowest_attack_success_that_keeps_clean_behaviour(study
     assert [s["keeps_clean"] for s in scores] == [False, True, True, False]
     keepers = [i for i, s in enumerate(scores) if s["keeps_clean"]]
     assert min(keepers, key=lambda i: scores[i]["attack_success"]) == 1
+
+
+def _test_run(attack: list[int], before_attack: list[int]) -> dict:
+    """A refine+evaluate run's metrics with one threat, per-prompt attack outcomes before and after."""
+    def model(outcomes: list[int]) -> dict:
+        rate = sum(outcomes) / len(outcomes)
+        return {"summary": {"clean": {"overrefusal_rate": {"mean": 0.1}, "utility_loss": {"mean": 2.0}},
+                            "w4a8:g32": {"attack_success_rate": {"mean": rate}}},
+                "conditions": [{"family": "quantization", "label": "w4a8:g32", "outcomes": {"attack_success": outcomes}}]}
+    return {"models": {"before": model(before_attack), "after": model(attack)}}
+
+
+def test_the_study_table_plot_and_collection_read_the_test_runs(study, tmp_path) -> None:
+    import json
+
+    before = [1] * 8 + [0] * 8
+    runs = {"zo": [[0] * 16, [0] * 14 + [1] * 2], "sft": [before]}
+    for method, outcomes in runs.items():
+        for seed, attack in enumerate(outcomes):
+            directory = tmp_path / "test" / "small" / method / f"s{seed}"
+            directory.mkdir(parents=True)
+            (directory / "metrics.json").write_text(json.dumps(_test_run(attack, before)))
+            (directory / "trajectory.jsonl").write_text("{}\n")
+            (directory / "checkpoints" / "refined").mkdir(parents=True)
+            (directory / "checkpoints" / "refined" / "model.safetensors").write_text("weights")
+    table = study.test_table(tmp_path)
+    zo_row = next(line for line in table.splitlines() if line.startswith("| zo |"))
+    sft_row = next(line for line in table.splitlines() if line.startswith("| sft |"))
+    # zo cut attack success from 0.5 to 0.06 on the same prompts: the interval excludes zero.
+    assert "| 2 | w4a8:g32 | 0.062 |" in zo_row and "better" in zo_row
+    # sft changed nothing; against zo it is worse.
+    assert "+0.000 [+0.000, +0.000]" in sft_row and "worse" in sft_row
+    points = study.tradeoff_points(tmp_path)
+    assert {(p["method"], p["budget"]) for p in points} == {("zo", "small"), ("sft", "small"), ("unrefined", "-")}
+    study.plot_tradeoff(points, tmp_path / "tradeoff.png")
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    copied = study.collect(tmp_path / "test", tmp_path / "kept")
+    assert copied == 6 and not list((tmp_path / "kept").rglob("*.safetensors"))

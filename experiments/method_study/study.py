@@ -12,6 +12,11 @@ a killed one resumes where it stopped):
 - ``select``: each method's configuration by the protocol's rule (``OUT/selected.json``);
 - ``test``: the selected configurations on ``test``, main rows × 5 refinement seeds, others × 2,
   at the small budget, and the main rows at the large one;
+- ``collect``: copies every finished job's small files (trajectory, refine and metrics JSON,
+  report, selection) into ``experiments/method_study/runs/`` (no checkpoints): with the
+  trajectories, ``zorefine-replay`` rebuilds any refined model from the aligned one;
+- ``plot``: the trade-off plot (``OUT/tradeoff.png``): attack success under each reference
+  threat against clean over-refusal, one point per method and budget, intervals over seeds;
 - ``table``: the paired tables of the test phase (``OUT/test_table.md``): per method and
   budget, attack success under each reference threat, its paired difference against unrefined
   and against zorefine (pooled over refinement seeds, noise draws and prompts), clean
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -238,6 +244,72 @@ def test_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+KEPT_FILES = ("trajectory.jsonl", "refine.json", "metrics.json", "report.md", "selection.json", "sensitivity.json",
+              "units.json", "protocol.json", "selected.json")
+
+
+def collect(out: Path, into: Path) -> int:
+    """Copy the small result files of every job under ``out`` to ``into``; returns how many."""
+    copied = 0
+    for path in sorted(out.rglob("*")):
+        if path.is_file() and path.name in KEPT_FILES and "checkpoints" not in path.parts:
+            target = into / path.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            copied += 1
+    return copied
+
+
+def tradeoff_points(out: Path) -> list[dict]:
+    """Per budget, method and threat: mean attack success and clean over-refusal, with the seeds' spread."""
+    import numpy as np
+
+    points = []
+    for budget in ("small", "large"):
+        root = out / "test" / budget
+        for directory in sorted(root.iterdir()) if root.is_dir() else []:
+            runs = _load_runs(directory)
+            if not runs:
+                continue
+            afters = [m["after"]["summary"] for m in runs]
+            over = np.array([a["clean"]["overrefusal_rate"]["mean"] for a in afters])
+            for group in (g for g in afters[0] if g != "clean"):
+                attack = np.array([a[group]["attack_success_rate"]["mean"] for a in afters])
+                points.append({"budget": budget, "method": directory.name, "threat": group, "seeds": len(runs),
+                               "attack_success": float(attack.mean()), "attack_sd": float(attack.std()),
+                               "overrefusal": float(over.mean()), "overrefusal_sd": float(over.std())})
+            if budget == "small" and directory.name == "zo":
+                before = runs[0]["before"]["summary"]
+                for group in (g for g in before if g != "clean"):
+                    points.append({"budget": "-", "method": "unrefined", "threat": group, "seeds": 1,
+                                   "attack_success": before[group]["attack_success_rate"]["mean"], "attack_sd": 0.0,
+                                   "overrefusal": before["clean"]["overrefusal_rate"]["mean"], "overrefusal_sd": 0.0})
+    return points
+
+
+def plot_tradeoff(points: list[dict], path: Path) -> None:
+    """One panel per threat: attack success (x) against clean over-refusal (y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threats = sorted({p["threat"] for p in points})
+    fig, axes = plt.subplots(1, max(len(threats), 1), figsize=(4.2 * max(len(threats), 1), 4), squeeze=False)
+    for axis, threat in zip(axes[0], threats):
+        for point in (p for p in points if p["threat"] == threat):
+            marker = {"small": "o", "large": "s", "-": "*"}[point["budget"]]
+            axis.errorbar(point["attack_success"], point["overrefusal"], xerr=point["attack_sd"], yerr=point["overrefusal_sd"],
+                          fmt=marker, capsize=2, label=f"{point['method']} ({point['budget']})")
+        axis.set_title(threat)
+        axis.set_xlabel("attack success under the threat (test)")
+        axis.set_ylabel("clean over-refusal (XSTest safe)")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _tuning_scores(metrics: dict) -> dict:
     """Mean attack success over the reference threats, and the clean changes, of one tuning run."""
     models = metrics["models"]
@@ -252,12 +324,19 @@ def _tuning_scores(metrics: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["prepare", "tune", "select", "test", "table"])
+    parser.add_argument("phase", choices=["prepare", "tune", "select", "test", "table", "collect", "plot"])
     parser.add_argument("--out", type=Path, default=Path("runs/method_study"))
     parser.add_argument("--aligned", type=Path, default=Path("runs/smol/checkpoints/aligned"))
     parser.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
     args = parser.parse_args(argv)
     study = Study(args.out.resolve(), args.aligned.resolve(), args.dry_run)
+    if args.phase == "collect":
+        print(f"copied {collect(study.out, Path(__file__).parent / 'runs')} files")
+        return
+    if args.phase == "plot":
+        plot_tradeoff(tradeoff_points(study.out), study.out / "tradeoff.png")
+        print(study.out / "tradeoff.png")
+        return
     if args.phase == "table":
         table = test_table(study.out)
         (study.out / "test_table.md").write_text(table)
