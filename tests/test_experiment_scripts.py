@@ -167,6 +167,30 @@ def test_tuning_picks_the_lowest_attack_success_that_keeps_clean_behaviour(study
     assert min(keepers, key=lambda i: scores[i]["attack_success"]) == 1
 
 
+def test_the_random_layer_control_runs_the_configuration_selected_for_zo(study, tmp_path, capsys) -> None:
+    import json
+
+    _prepared(tmp_path)
+    for method in study.methods(tmp_path):
+        for index, _ in enumerate(method.configs):
+            directory = tmp_path / "tune" / method.name / f"c{index}"
+            directory.mkdir(parents=True)
+            # Configuration 2 is every method's most robust one that keeps clean behaviour.
+            (directory / "metrics.json").write_text(json.dumps(_metrics(0.1 if index == 2 else 0.3, 0.10, 2.0)))
+    runner = study.Study(tmp_path, tmp_path / "aligned", dry_run=True)
+    selected = runner.select()
+    zo = next(m for m in study.methods(tmp_path) if m.name == "zo")
+    assert selected["zo_random"]["overrides"] == selected["zo"]["overrides"] == zo.configs[2]
+    runner.test()
+    jobs = [line for line in capsys.readouterr().out.splitlines() if "refine.method=zo_random" in line]
+    assert len(jobs) == study.OTHER_SEEDS
+    for job in jobs:
+        options = dict(token.split("=", 1) for token in job.split()[1:] if "=" in token)
+        # No analysis to pay: the whole small budget goes to steps.
+        assert options["refine.budget"] == "162" and options["refine.lr"] == zo.configs[2]["refine.lr"]
+        assert options["evaluate.split"] == "test"
+
+
 def _test_run(attack: list[int], before_attack: list[int]) -> dict:
     """A refine+evaluate run's metrics with one threat, per-prompt attack outcomes before and after."""
     def model(outcomes: list[int]) -> dict:

@@ -9,7 +9,8 @@ a killed one resumes where it stopped):
   model, once; the activation-noise level of the reference grid, chosen on ``val`` by the
   protocol's rule (written to ``OUT/protocol.json``);
 - ``tune``: every method's 4 configurations at the small budget, refinement seed 0, ``val``;
-- ``select``: each method's configuration by the protocol's rule (``OUT/selected.json``);
+- ``select``: each method's configuration by the protocol's rule (``OUT/selected.json``); the
+  ``zo_random`` control takes ``zo``'s;
 - ``test``: the selected configurations on ``test``, main rows × 5 refinement seeds, others × 2,
   at the small budget, and the main rows at the large one;
 - ``collect``: copies every finished job's small files (trajectory, refine and metrics JSON,
@@ -61,6 +62,8 @@ class Method:
     configs: list[dict[str, str]] = field(default_factory=list)
     # Which analysis it spends: "layers" (the analyzer's ranking), a unit method, or none.
     analysis: str | None = None
+    # A control that is not tuned: it runs the configuration selected for this other method.
+    tuned_as: str | None = None
 
 
 def _grid(key_a: str, values_a, key_b: str, values_b) -> list[dict[str, str]]:
@@ -78,6 +81,9 @@ def methods(out: Path) -> list[Method]:
                [{"refine.units_file": units["ssah"], "refine.units_set": "scu", "refine.lr": str(lr)} for lr in (0.01, 0.03)]
                + [{"refine.units_file": units["wanda_diff"], "refine.units_set": "safety", "refine.lr": str(lr)} for lr in (0.01, 0.03)],
                "units"),
+        # The control for the analyzer's choice: as many layers, drawn blindly, with zo's tuned
+        # step settings (not tuned itself); no analysis to pay, so more steps at the same total.
+        Method("zo_random", {"refine.method": "zo_random", "refine.selection_file": layers}, [], tuned_as="zo"),
         Method("zo_full", {"refine.method": "zo_full"}, _grid("refine.lr", (0.003, 0.01), "refine.zo.eps", (0.05, 0.1))),
         Method("sft", {"refine.method": "sft"}, [{"refine.fo_lr": lr} for lr in ("3e-6", "1e-5", "3e-5", "1e-4")]),
         Method("sam", {"refine.method": "sam", "refine.sam_rho_mode": "relative"}, _grid("refine.fo_lr", ("1e-5", "3e-5"), "refine.sam_rho", (0.05, 0.1))),
@@ -168,6 +174,9 @@ class Study:
     def select(self) -> dict:
         chosen = {}
         for method in methods(self.out):
+            if method.tuned_as is not None:
+                chosen[method.name] = {**chosen[method.tuned_as], "tuned_as": method.tuned_as}
+                continue
             scored = []
             for index, config in enumerate(method.configs):
                 metrics = json.loads((self.out / "tune" / method.name / f"c{index}" / "metrics.json").read_text())
