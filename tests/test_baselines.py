@@ -29,6 +29,15 @@ def _changed(base_dir, run_dir) -> set[str]:
     return {k for k in base if not torch.equal(base[k], refined[k])}
 
 
+def _llama_and_batch():
+    """A tiny Llama, one 12-token batch, its parameters and a copy of their starting values."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    params = dict(model.named_parameters())
+    start = {n: p.detach().clone() for n, p in params.items()}
+    return model, torch.arange(12).unsqueeze(0), params, start
+
+
 @pytest.mark.parametrize(
     "method, budget, expected_steps",
     [("zo", None, 6), ("zo_full", None, 6), ("sft", None, 4), ("rwp", None, 4), ("sam", None, 2), ("sam", 13, 2), ("zo", 13, 6)],
@@ -90,11 +99,7 @@ def test_unknown_method_is_a_clear_config_error():
 
 
 def test_sam_gradient_is_taken_at_the_ascent_point_and_weights_return():
-    torch.manual_seed(0)
-    model = tiny_model("llama")
-    ids = torch.arange(12).unsqueeze(0)
-    params = dict(model.named_parameters())
-    start = {n: p.detach().clone() for n, p in params.items()}
+    model, ids, params, start = _llama_and_batch()
     trainer = FirstOrderTrainer(model, params, FirstOrderSettings("sam", lr=0.0, sam_rho=0.5))
 
     def loss() -> torch.Tensor:
@@ -109,11 +114,8 @@ def test_sam_gradient_is_taken_at_the_ascent_point_and_weights_return():
 
 
 def test_non_finite_first_order_step_changes_nothing():
-    model = tiny_model("llama")
-    params = dict(model.named_parameters())
-    start = {n: p.detach().clone() for n, p in params.items()}
+    model, ids, params, start = _llama_and_batch()
     trainer = FirstOrderTrainer(model, params, FirstOrderSettings("sft", lr=1.0))
-    ids = torch.arange(12).unsqueeze(0)
     result = trainer.step(0, [lambda: model(input_ids=ids, labels=ids).loss * float("nan")])
     assert result != result
     assert all(torch.equal(p, start[n]) for n, p in params.items())
@@ -142,11 +144,7 @@ def test_sam_ascent_point_follows_its_radius_mode(mode):
 
 
 def test_threat_aware_first_order_takes_the_gradient_at_the_quantized_weights():
-    torch.manual_seed(0)
-    model = tiny_model("llama")
-    ids = torch.arange(12).unsqueeze(0)
-    params = dict(model.named_parameters())
-    start = {n: p.detach().clone() for n, p in params.items()}
+    model, ids, params, start = _llama_and_batch()
 
     def loss() -> torch.Tensor:
         return model(input_ids=ids, labels=ids).loss
@@ -177,11 +175,7 @@ def test_threat_aware_first_order_takes_the_gradient_at_the_quantized_weights():
 
 
 def test_a_first_order_method_on_a_unit_set_moves_only_those_entries():
-    torch.manual_seed(0)
-    model = tiny_model("llama")
-    ids = torch.arange(12).unsqueeze(0)
-    params = dict(model.named_parameters())
-    start = {n: p.detach().clone() for n, p in params.items()}
+    model, ids, params, start = _llama_and_batch()
     name = "model.layers.1.mlp.down_proj.weight"
     mask = torch.zeros_like(params[name], dtype=torch.bool)
     mask[:, :3] = True  # three MLP neurons' output columns

@@ -13,7 +13,7 @@ from torch import nn
 
 from tests.tiny_models import ARCHS, tiny_input_ids, tiny_model
 from zorefine.models.layers import find_decoder_layers
-from zorefine.zo.prefix_cache import PrefixCache, StaleCacheError, cached_loss_fn
+from zorefine.zo.prefix_cache import PrefixCache, cached_loss_fn
 
 # (arch, first_layer): every arch at 1, and at 2 where the tiny model has at least 3 layers,
 # so a cached prefix of several layers (outputs handed from one skipped layer to the next) is covered.
