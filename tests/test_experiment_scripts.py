@@ -145,6 +145,32 @@ def test_every_study_method_spends_the_same_total_budget(study, tmp_path, capsys
     assert runner.total_budget(study.LARGE_FACTOR) == 810
 
 
+def test_the_builtin_target_runs_the_same_protocol_at_its_own_scale(study, tmp_path, capsys) -> None:
+    import json
+
+    _prepared(tmp_path)
+    (tmp_path / "protocol.json").unlink()
+    target = study.TARGETS["builtin"]
+    runner = study.Study(tmp_path, tmp_path / "aligned", dry_run=False, target=target)
+    # One activation-noise candidate: taken as the protocol fixes it, no calibration run.
+    (tmp_path / "prepare" / "layers" / "selection.json").write_text("{}")
+    for method in ("ssah", "wanda_diff"):
+        (tmp_path / "prepare" / f"units_{method}" / "units.safetensors").write_text("")
+    runner.prepare()
+    assert json.loads((tmp_path / "protocol.json").read_text())["anoise"] == 0.4
+    assert not (tmp_path / "prepare" / "calibrate_anoise").exists()
+    runner.dry_run = True
+    runner.tune()
+    jobs = capsys.readouterr().out.strip().splitlines()
+    assert len(jobs) == 28 and not any("+experiment=smollm2" in job for job in jobs)
+    for job in jobs:
+        options = dict(token.split("=", 1) for token in job.split()[1:] if "=" in token)
+        analysis = 122 if "selection_file" in job else 8 + 2 * 3 if "units_wanda_diff" in job else 8 if "units_ssah" in job else 0
+        assert int(options["refine.budget"]) + analysis == 400 + 122  # the built-in default: 200 ZO steps
+        assert options["evaluate.sigmas"] == "[0.8]" and "anoise:0.4" in options["evaluate.quantization"]
+        assert options["model.path"] == str(tmp_path / "aligned")
+
+
 def _metrics(attack: float, overrefusal: float, utility: float) -> dict:
     clean_before = {"overrefusal_rate": {"mean": 0.10}, "utility_loss": {"mean": 2.0}}
     after = {"clean": {"overrefusal_rate": {"mean": overrefusal}, "utility_loss": {"mean": utility}},
@@ -183,7 +209,7 @@ def test_the_random_layer_control_runs_the_configuration_selected_for_zo(study, 
     assert selected["zo_random"]["overrides"] == selected["zo"]["overrides"] == zo.configs[2]
     runner.test()
     jobs = [line for line in capsys.readouterr().out.splitlines() if "refine.method=zo_random" in line]
-    assert len(jobs) == study.OTHER_SEEDS
+    assert len(jobs) == study.TARGETS["smollm2"].other_seeds
     for job in jobs:
         options = dict(token.split("=", 1) for token in job.split()[1:] if "=" in token)
         # No analysis to pay: the whole small budget goes to steps.
