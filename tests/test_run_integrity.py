@@ -318,6 +318,23 @@ def test_an_output_directory_that_cannot_be_created_is_one_line_before_any_work(
     assert done.stderr.strip().splitlines() == [f"zorefine: error: cannot write the output directory {blocker / 'run'}: Not a directory"]
 
 
+def _check_many_times(directory: str) -> int:
+    from zorefine.cli import check_output_dir
+
+    for _ in range(200):
+        check_output_dir(Path(directory))
+    return os.getpid()
+
+
+def test_every_process_of_a_launch_can_check_the_same_output_directory_at_once(tmp_path):
+    # torchrun starts each rank with the same hydra.run.dir: their write checks must not collide.
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pids = pool.map(_check_many_times, [str(tmp_path / "run")] * 4)
+    assert len(pids) == 4 and list((tmp_path / "run").iterdir()) == []
+
+
 def test_the_output_directory_is_read_from_the_command_line():
     from zorefine.cli import _output_dir
 

@@ -79,7 +79,9 @@ def _output_dir(argv: list[str]) -> Path:
 
 def check_output_dir(directory: Path) -> None:
     """Fail with one line, before any work, when the run directory cannot be created or written."""
-    probe = directory / ".zorefine-write-check"
+    # One probe name per process: under torchrun every rank runs this check on the same folder,
+    # and a shared name let one rank delete the probe another was still writing.
+    probe = directory / f".zorefine-write-check-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as handle:
