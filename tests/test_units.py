@@ -365,6 +365,36 @@ def test_evaluate_runs_the_finetune_attack_on_the_benign_training_pairs(micro_ch
     assert attacked["utility_loss"] != clean["utility_loss"]
 
 
+def test_a_seeded_finetune_attack_is_a_draw_of_the_split_s_stream_and_the_unseeded_one_is_fixed():
+    from zorefine.evaluate.robustness import threat_grid
+    from zorefine.threats import parse_threat
+    from zorefine.threats.base import is_random
+    from zorefine.threats.streams import stream_seed
+
+    seeded, fixed = parse_threat("finetune:2:5e-5:seed=1"), parse_threat("finetune:2:5e-5")
+    assert parse_threat(seeded.spec) == seeded and seeded.seed == 1 and is_random(seeded)
+    assert fixed.seed is None and not is_random(fixed) and "seed" not in fixed.spec
+    val, test = (threat_grid([], 1, ["finetune:2:5e-5:seed=1", "finetune:2:5e-5"], stream=s) for s in ("val", "test"))
+    assert val[1].threat.seed == stream_seed("val", 1) != test[1].threat.seed == stream_seed("test", 1)
+    assert val[2].threat.seed is None and test[2].threat.seed is None
+
+
+def test_the_draws_of_a_seeded_finetune_attack_differ_and_are_summarized_as_one_threat(micro_checkpoint, tmp_path):
+    from zorefine.evaluate import stage as evaluate
+    from zorefine.run import Run
+
+    specs = ["finetune:2:lr=1e-2:batch=2:seed=0", "finetune:2:lr=1e-2:batch=2:seed=1"]
+    cfg = make_cfg(micro_checkpoint, stages="[evaluate]", **{"align.enabled": False, "evaluate.quantization": "[" + ",".join(specs) + "]"})
+    evaluate.run(Run(cfg, tmp_path))
+    result = json.loads((tmp_path / "metrics.json").read_text())["models"]["model"]
+    conditions = {c["label"]: c for c in result["conditions"]}
+    # Different batch orders train different weights.
+    assert conditions[specs[0]]["utility_loss"] != conditions[specs[1]]["utility_loss"]
+    assert [g for g in result["summary"] if g.startswith("finetune")] == ["finetune:2:lr=1e-2:batch=2"]
+    pooled = result["summary"]["finetune:2:lr=1e-2:batch=2"]["utility_loss"]["mean"]
+    assert pooled == pytest.approx((conditions[specs[0]]["utility_loss"] + conditions[specs[1]]["utility_loss"]) / 2)
+
+
 def test_evaluate_freezes_the_named_sets_while_the_finetune_attack_trains(micro_checkpoint, tmp_path):
     from zorefine.config import validate
     from zorefine.errors import ConfigError

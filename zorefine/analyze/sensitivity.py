@@ -33,6 +33,7 @@ from zorefine.judge import RefusalJudge, Verdict
 from zorefine.models.objectives import mean_response_nll
 from zorefine.stats import mean_interval
 from zorefine.threats import Threat, parse_threat, threatened
+from zorefine.threats.base import is_random
 from zorefine.models.units import Unit
 
 SCORES = ("safety_loss_rise", "refusal_drop", "utility_loss_rise")
@@ -98,7 +99,7 @@ class ThreatFamily:
     @property
     def random(self) -> bool:
         """Whether the threat draws noise (so seeds and antithetic pairs mean something)."""
-        return hasattr(self.prototype, "seed")
+        return is_random(self.prototype)
 
     def samples(self, seed: int, antithetic: bool) -> list[Threat]:
         """The threats whose measures are averaged into one trial of ``seed``."""
@@ -106,7 +107,7 @@ class ThreatFamily:
         if not self.random:
             return [prototype]
         threat = replace(prototype, seed=seed)  # type: ignore[type-var]
-        return [threat, replace(threat, negate=True)] if antithetic else [threat]
+        return [threat, replace(threat, negate=True)] if antithetic and hasattr(threat, "negate") else [threat]
 
     @property
     def label(self) -> str:

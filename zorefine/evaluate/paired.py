@@ -21,12 +21,16 @@ from zorefine.stats import hierarchical_bootstrap, paired_verdict
 OUTCOMES = ("attack_success", "overrefusal", "benign_refusal")
 
 
-def _group(condition: Mapping[str, Any]) -> str:
+def condition_group(family: str, sigma: float | None, label: str) -> str:
     """Conditions that are draws of one threat pool into one group: every seed of a noise level,
     and the seeds of a random spec listed in the grid one by one (``anoise:0.4:seed=0``, ...)."""
-    if condition["family"] == "weight_noise":
-        return f"wnoise σ={condition['sigma']:g}"
-    return re.sub(r":seed=\d+", "", condition["label"])
+    if family == "weight_noise":
+        return f"wnoise σ={sigma:g}"
+    return re.sub(r":seed=\d+", "", label)
+
+
+def _group(condition: Mapping[str, Any]) -> str:
+    return condition_group(condition["family"], condition.get("sigma"), condition["label"])
 
 
 def outcome_arrays(result: Mapping[str, Any], outcome: str) -> dict[str, np.ndarray]:

@@ -14,11 +14,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from zorefine import distributed
+from zorefine.evaluate.paired import condition_group
 from zorefine.models.generation import generate_responses
 from zorefine.judge import RefusalJudge, Verdict
 from zorefine.models.objectives import mean_response_nll, per_example_nll
 from zorefine.stats import mean_interval
 from zorefine.threats import Threat, WeightNoise, parse_threat, threatened
+from zorefine.threats.base import is_random
 from zorefine.threats.streams import stream_seed
 
 
@@ -82,7 +84,7 @@ def threat_grid(sigmas: Sequence[float], seeds: int, quantization: Sequence[str]
             grid.append(Condition(f"wnoise σ={sigma:g} seed={seed}", "weight_noise", noise, sigma, seed))
     for spec in quantization:
         threat = parse_threat(spec)
-        if hasattr(threat, "seed"):
+        if is_random(threat):
             threat = replace(threat, seed=stream_seed(stream, threat.seed))
         grid.append(Condition(spec, "quantization", threat))
     return grid
@@ -251,10 +253,14 @@ METRICS = (
 
 
 def summarize(results: Sequence[ConditionResult]) -> dict[str, dict]:
-    """Per condition group (clean, each σ, each quantization): mean and interval of every metric."""
+    """Per condition group (clean, each σ, each other threat): mean and interval of every metric.
+
+    The draws of one random threat (its seeds, listed ``anoise:0.05:seed=0``, ``...:seed=1``)
+    are one group, like the seeds of a weight-noise level.
+    """
     groups: dict[str, list[ConditionResult]] = {}
     for result in results:
-        key = f"wnoise σ={result.sigma:g}" if result.family == "weight_noise" else result.label
+        key = condition_group(result.family, result.sigma, result.label)
         groups.setdefault(key, []).append(result)
     summary = {}
     for key, members in groups.items():

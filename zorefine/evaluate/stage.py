@@ -44,7 +44,7 @@ from zorefine.zo.trajectory import environment
 log = logging.getLogger(__name__)
 
 # Bumped whenever an evaluation measures or stores something new: older cache entries are not reused.
-EVALUATION_FORMAT = 3
+EVALUATION_FORMAT = 4
 
 # A loss counts as broken once it has risen by ln 2 nats: the reference text's perplexity doubled.
 LOSS_BREAK_RISE = math.log(2)

@@ -37,6 +37,7 @@ import torch
 from zorefine.errors import ConfigError
 from zorefine.models.param_masks import freeze_masked
 from zorefine.threats import Threat, WeightNoise, parse_threat, threatened
+from zorefine.threats.base import is_random
 from zorefine.threats.streams import stream_seed
 
 FIRST_ORDER_METHODS = ("sft", "sam", "rwp", "fo_threat")
@@ -104,7 +105,7 @@ class FirstOrderTrainer:
     def _step_threat(self, step: int) -> Threat:
         """This step's threat: random threats get a fresh draw of the training stream."""
         threat = self._threat
-        if hasattr(threat, "seed"):
+        if is_random(threat):
             threat = dataclasses.replace(threat, seed=stream_seed("train", self.seed * 1_000_003 + step))
         return threat
 

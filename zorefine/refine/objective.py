@@ -14,6 +14,7 @@ from zorefine.models.objectives import response_nll_terms
 from zorefine.refine.batches import StepBatch
 from zorefine.run import Run
 from zorefine.threats import parse_threat, threatened
+from zorefine.threats.base import is_random
 from zorefine.threats.streams import stream_seed
 from zorefine.zo.engine import step_seed
 from zorefine.zo.prefix_cache import PrefixCache
@@ -39,7 +40,7 @@ def step_objective(
     threat = None
     if cfg.objective_threat:
         threat = parse_threat(cfg.objective_threat)
-        if hasattr(threat, "seed"):
+        if is_random(threat):
             threat = dataclasses.replace(threat, seed=stream_seed("train", step_seed(cfg.seed + 7919, step)))
 
     # A threat on every decoder layer changes the prefix too: nothing to cache then.

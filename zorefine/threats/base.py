@@ -28,7 +28,7 @@ from torch import nn
 
 from zorefine.errors import ConfigError
 
-__all__ = ["Threat", "Undo"]
+__all__ = ["Threat", "Undo", "is_random"]
 
 
 Undo = Callable[[], None]
@@ -53,6 +53,15 @@ class Threat(Protocol):
     def apply(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> Undo | None:
         """Perturb ``model`` (only ``params`` for weight threats); return an undo for non-weight effects."""
         ...
+
+
+def is_random(threat: object) -> bool:
+    """Whether ``threat`` is one draw of a random family: it has a seed the caller may re-draw.
+
+    A threat whose ``seed`` is ``None`` (the fine-tuning attack without ``seed=``) runs the same
+    way every time and is not re-drawn per noise stream.
+    """
+    return getattr(threat, "seed", None) is not None
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""The fine-tuning attack (``finetune:STEPS[:LR][:bN]`` specs): a few steps of benign SFT, then measure.
+"""The fine-tuning attack (``finetune:STEPS[:LR][:bN][:seed=N]`` specs): a few steps of benign SFT, then measure.
 
 Benign fine-tuning erodes alignment (Qi et al., 2023): a user adapting an aligned model to
 ordinary instructions loses much of its refusal within tens of steps. As a threat, the decoder
@@ -6,6 +6,10 @@ layers are trained for ``steps`` AdamW steps on the run's benign training pairs 
 reference answers), measured, and restored bit for bit by :func:`zorefine.threats.threatened`
 like any other weight threat. The data is bound by the stage that runs the threat
 (:meth:`FineTuneAttack.with_data`): a spec names only the schedule.
+
+Without ``seed=`` the batches come in one fixed shuffled order, the same wherever the attack
+runs. With ``seed=N`` the order is a draw: the evaluate grid maps N to draw N of its split's
+noise stream, so a study's validation and test attacks never train on the same batch order.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class FineTuneAttack:
     steps: int
     lr: float = 1e-4
     batch_size: int = 8
+    # None: the fixed order (finetune_steps' seed 0), not re-drawn per stream; see the module docstring.
+    seed: int | None = None
     # The bound data is not part of the threat's identity: a spec parses to an equal threat.
     pairs: Sequence[tuple[str, str]] = field(default=(), repr=False, compare=False)
     tokenizer: Any = field(default=None, repr=False, compare=False)
@@ -43,16 +49,20 @@ class FineTuneAttack:
             raise ConfigError(f"finetune steps must be a positive integer, got {self.steps!r}")
         if not self.lr > 0 or self.batch_size < 1:
             raise ConfigError("finetune lr must be > 0 and batch size >= 1")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ConfigError(f"finetune seed must be a non-negative integer, got {self.seed!r}")
 
     @property
     def name(self) -> str:
         """``finetune_<steps>steps_lr<lr>``."""
-        return f"finetune_{self.steps}steps_lr{_float_label(self.lr)}"
+        drawn = "" if self.seed is None else f"_seed{self.seed}"
+        return f"finetune_{self.steps}steps_lr{_float_label(self.lr)}{drawn}"
 
     @property
     def spec(self) -> str:
         """Canonical spec string: ``parse_threat(t.spec) == t``."""
-        return f"finetune:{self.steps}:{_float_label(self.lr)}:b{self.batch_size}"
+        drawn = "" if self.seed is None else f":seed={self.seed}"
+        return f"finetune:{self.steps}:{_float_label(self.lr)}:b{self.batch_size}{drawn}"
 
     def with_data(self, tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> "FineTuneAttack":
         """The same attack, training on ``pairs``."""
@@ -65,4 +75,5 @@ class FineTuneAttack:
         frozen = {name: mask for name, mask in (self.frozen or {}).items() if name in params}
         # The caller holds no_grad for the other threats; training needs gradients.
         with torch.enable_grad():
-            finetune_steps(model, self.tokenizer, self.pairs, params, self.steps, self.lr, self.batch_size, self.max_length, frozen)
+            finetune_steps(model, self.tokenizer, self.pairs, params, self.steps, self.lr, self.batch_size, self.max_length, frozen,
+                           seed=self.seed or 0)

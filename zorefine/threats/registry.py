@@ -217,7 +217,7 @@ def _parse_weight_activation(spec: str, kind: str, positional: list[str], option
 
 
 def _parse_finetune(spec: str, positional: list[str], options: dict[str, str]) -> Threat:
-    _reject_unknown(spec, options, {"steps", "lr", "batch"})
+    _reject_unknown(spec, options, {"steps", "lr", "batch", "seed"})
     fields = list(positional)
     steps_text = options.get("steps") or (fields.pop(0) if fields else None)
     if steps_text is None:
@@ -236,6 +236,7 @@ def _parse_finetune(spec: str, positional: list[str], options: dict[str, str]) -
             steps=_parse_int(spec, steps_text, "steps"),
             lr=_parse_number(spec, lr_text or "1e-4", "lr"),
             batch_size=_parse_int(spec, batch_text or "8", "batch"),
+            seed=_parse_int(spec, options["seed"], "seed") if "seed" in options else None,
         )
     except ConfigError as exc:
         raise _spec_error(spec, str(exc)) from None
@@ -246,7 +247,7 @@ def parse_threat(spec: str) -> Threat:
 
     Forms: ``wnoise:SIGMA[:MODE][:seed=N]``, ``anoise:SIGMA[:MODE][:seed=N]``,
     ``rtn:int8|int4[:gN]``, ``bnb:int8|nf4|fp4[:bN][:dq]``, ``aquant:a8|a6|a4[:pPCT]``,
-    ``w8a8|w4a8|w4a4[:gN][:pPCT]``, ``finetune:STEPS[:LR][:bN]``; MODE is absolute, relative
+    ``w8a8|w4a8|w4a4[:gN][:pPCT]``, ``finetune:STEPS[:LR][:bN][:seed=N]``; MODE is absolute, relative
     (default) or multiplicative. Every threat's ``spec`` property parses back to an equal
     threat. Raises :class:`ConfigError` listing the valid forms on a bad spec.
     """
