@@ -135,7 +135,7 @@ def test_every_study_method_spends_the_same_total_budget(study, tmp_path, capsys
     _prepared(tmp_path)
     runner = study.Study(tmp_path, tmp_path / "aligned", dry_run=True)
     runner.tune()
-    jobs = capsys.readouterr().out.strip().splitlines()
+    jobs = [line for line in capsys.readouterr().out.strip().splitlines() if "/tune/" in line]
     assert len(jobs) == sum(len(m.configs) for m in study.methods(tmp_path)) == 28
     for job in jobs:
         options = dict(token.split("=", 1) for token in job.split()[1:] if "=" in token)
@@ -156,6 +156,8 @@ def test_the_builtin_target_runs_the_same_protocol_at_its_own_scale(study, tmp_p
     (tmp_path / "prepare" / "layers" / "selection.json").write_text("{}")
     for method in ("ssah", "wanda_diff"):
         (tmp_path / "prepare" / f"units_{method}" / "units.safetensors").write_text("")
+    (tmp_path / "aligned").mkdir()
+    (tmp_path / "aligned" / "model.safetensors").write_text("weights")
     runner.prepare()
     assert json.loads((tmp_path / "protocol.json").read_text())["anoise"] == 0.4
     assert not (tmp_path / "prepare" / "calibrate_anoise").exists()
@@ -253,3 +255,92 @@ def test_the_study_table_plot_and_collection_read_the_test_runs(study, tmp_path)
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
     copied = study.collect(tmp_path / "test", tmp_path / "kept")
     assert copied == 6 and not list((tmp_path / "kept").rglob("*.safetensors"))
+
+
+class _FakeZorefine:
+    """Stands in for the ``zorefine`` command: writes the files each kind of study job leaves."""
+
+    def __init__(self, study: ModuleType):
+        self.study, self.calls = study, []
+
+    def __call__(self, command, stdout=None, stderr=None):
+        import json
+        import types
+
+        options = dict(token.split("=", 1) for token in command[1:] if "=" in token)
+        run = Path(options["hydra.run.dir"])
+        self.calls.append(run)
+        stages = options["stages"]
+        if stages == "[analyze]" and "analyze.method" in options:
+            (run / "units.safetensors").write_bytes(b"masks of " + options["analyze.method"].encode())
+            (run / "units.json").write_text(json.dumps({"cost": {"attribution": {"forward": 8, "backward": 0}}}))
+        elif stages == "[analyze]":
+            (run / "selection.json").write_text(json.dumps({"layers": [11, 13]}))
+            (run / "sensitivity.json").write_text(json.dumps({"cost": {"forward_passes": 122}}))
+        elif stages == "[evaluate]":
+            summary = {f"anoise:{s}": {"harmful_refusal_rate": {"mean": 0.8}, "harmful_degenerate_rate": {"mean": 0.0 if s < 0.04 else 0.3}}
+                       for s in (0.02, 0.05)}
+            (run / "metrics.json").write_text(json.dumps({"models": {"model": {"summary": summary}}}))
+        else:
+            (run / "metrics.json").write_text(json.dumps(_metrics(0.2, 0.10, 2.0)))
+            (run / "trajectory.jsonl").write_text("{}\n")
+            (run / "checkpoints" / "refined").mkdir(parents=True)
+            (run / "checkpoints" / "refined" / "model.safetensors").write_bytes(b"refined weights")
+        return types.SimpleNamespace(returncode=0)
+
+
+def _aligned(tmp_path: Path, weights: bytes = b"aligned weights") -> Path:
+    (tmp_path / "aligned").mkdir(exist_ok=True)
+    (tmp_path / "aligned" / "model.safetensors").write_bytes(weights)
+    return tmp_path / "aligned"
+
+
+def test_the_study_survives_a_new_machine_from_its_kept_record(study, tmp_path, monkeypatch) -> None:
+    import json
+
+    fake = _FakeZorefine(study)
+    monkeypatch.setattr(study.subprocess, "run", fake)
+    kept = tmp_path / "kept"
+    first = study.Study(tmp_path / "machine1", _aligned(tmp_path), target=study.TARGETS["smollm2"], kept=kept)
+    first.tune()
+    protocol = json.loads((kept / "protocol.json").read_text())
+    # The rule: the largest candidate with few degenerate answers.
+    assert protocol["anoise"] == 0.02 and set(protocol["inputs"]) == {"aligned", "layers", "units_ssah", "units_wanda_diff"}
+    tuned = [r for r in fake.calls if "tune" in r.parts]
+    assert len(tuned) == 28
+    for run in tuned:
+        record = kept / run.relative_to(first.out)
+        assert (record / "metrics.json").is_file() and (record / "trajectory.jsonl").is_file()
+        assert not (run / "checkpoints").exists()  # 0.5 GB each: replayed from the trajectory instead
+    assert not list(kept.rglob("*.safetensors"))
+    # A fresh machine: its run directory is empty; prepare rebuilds the masks, nothing tuned reruns.
+    fake.calls.clear()
+    second = study.Study(tmp_path / "machine2", tmp_path / "aligned", target=study.TARGETS["smollm2"], kept=kept)
+    second.tune()
+    assert {r.name for r in fake.calls} == {"layers", "units_ssah", "units_wanda_diff"}
+    assert second.select()["zo"]["kept_clean"] and (kept / "selected.json").is_file()
+
+
+def test_the_study_stops_when_a_rebuilt_input_differs_from_the_one_it_started_with(study, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(study.subprocess, "run", _FakeZorefine(study))
+    kept = tmp_path / "kept"
+    study.Study(tmp_path / "machine1", _aligned(tmp_path), target=study.TARGETS["builtin"], kept=kept).prepare()
+    _aligned(tmp_path, b"a differently aligned model")
+    with pytest.raises(SystemExit, match="not the files this study started with"):
+        study.Study(tmp_path / "machine2", tmp_path / "aligned", target=study.TARGETS["builtin"], kept=kept).prepare()
+
+
+def test_every_random_reference_threat_runs_as_draws_of_the_split_s_stream(study, tmp_path) -> None:
+    from zorefine.threats import parse_threat
+    from zorefine.threats.base import is_random
+
+    _prepared(tmp_path)
+    runner = study.Study(tmp_path, tmp_path / "aligned", dry_run=True)
+    tune = runner.eval_grid(runner.target.tune_eval)["evaluate.quantization"].strip("[]").split(",")
+    test = runner.eval_grid(runner.target.test_eval)["evaluate.quantization"].strip("[]").split(",")
+    specs = [spec.strip("'") for spec in test]
+    assert [s for s in specs if s.startswith("anoise")] == [f"anoise:0.05:seed={i}" for i in range(3)]
+    # The fine-tuning attack costs 40 SFT steps a draw: at most finetune_draws of them.
+    assert [s for s in specs if s.startswith("finetune")] == [f"finetune:40:5e-5:seed={i}" for i in range(2)]
+    assert all(is_random(parse_threat(s)) for s in specs if not s.startswith(("w4a8", "rtn")))
+    assert len(tune) == 2 + 2 + 2

@@ -3,22 +3,28 @@
     python experiments/method_study/study.py PHASE [--target smollm2|builtin] [--out DIR] [--aligned DIR] [--dry-run]
 
 Phases, each a list of zorefine jobs (one Hydra run directory each; a finished job is skipped,
-a killed one resumes where it stopped):
+a killed one resumes where it stopped). The study outlives sessions and machines: every
+finished job's small files (trajectory, refine and metrics JSON, report, selection) are kept in
+``KEPT`` (default ``experiments/method_study/runs/TARGET``, committed), which also marks the job
+done, and its checkpoints are deleted (a refined model is 0.5 GB; ``zorefine-replay`` rebuilds
+it from the aligned model and the kept trajectory). What is too large to keep (the unit masks)
+is rebuilt by ``prepare`` on a new machine and checked against the digests the study started
+with.
 
 - ``prepare``: the analyzer's layer ranking and the unit sets (SSAH, Wanda) of the aligned
-  model, once; the activation-noise level of the reference grid, chosen on ``val`` by the
-  protocol's rule (written to ``OUT/protocol.json``);
+  model; the activation-noise level of the reference grid, chosen on ``val`` by the protocol's
+  rule; both, with the SHA-256 of the aligned weights, the layer selection and the unit masks,
+  written to ``protocol.json``. Run again on a new machine it rebuilds the local files and
+  stops if any digest differs from the kept protocol (``tune`` and ``test`` run it first);
 - ``tune``: every method's 4 configurations at the small budget, refinement seed 0, ``val``;
 - ``select``: each method's configuration by the protocol's rule (``OUT/selected.json``); the
   ``zo_random`` control takes ``zo``'s;
 - ``test``: the selected configurations on ``test``, main rows × 5 refinement seeds, others × 2,
   at the small budget, and the main rows at the large one;
-- ``collect``: copies every finished job's small files (trajectory, refine and metrics JSON,
-  report, selection) into ``experiments/method_study/runs/`` (no checkpoints): with the
-  trajectories, ``zorefine-replay`` rebuilds any refined model from the aligned one;
-- ``plot``: the trade-off plot (``OUT/tradeoff.png``): attack success under each reference
+- ``collect``: copies the small files of jobs run before keeping was automatic into ``KEPT``;
+- ``plot``: the trade-off plot (``KEPT/tradeoff.png``): attack success under each reference
   threat against clean over-refusal, one point per method and budget, intervals over seeds;
-- ``table``: the paired tables of the test phase (``OUT/test_table.md``): per method and
+- ``table``: the paired tables of the test phase (``KEPT/test_table.md``): per method and
   budget, attack success under each reference threat, its paired difference against unrefined
   and against zorefine (pooled over refinement seeds, noise draws and prompts), clean
   over-refusal and utility.
@@ -55,8 +61,8 @@ class Target:
     name: str
     # The preset's default refine, in forward-pass equivalents (the small budget adds its analysis).
     small_steps_fpe: int
-    # Weight-noise levels and the fixed quantization-grid threats; activation noise is chosen
-    # from ``anoise_candidates`` on val (a single candidate is taken as it is).
+    # Weight-noise levels and the deterministic threats; activation noise is chosen from
+    # ``anoise_candidates`` on val (a single candidate is taken as it is).
     sigmas: tuple[float, ...]
     fixed_threats: tuple[str, ...]
     anoise_candidates: tuple[float, ...]
@@ -73,8 +79,10 @@ class Target:
     sam_rho: tuple[float, float]
     rwp_sigma: tuple[float, float]
     objective_threats: tuple[str, str]
-    # SSAH's defence is evaluated against this fine-tuning threat.
+    # The fine-tuning reference threat (SSAH's defence is evaluated against it too), and at most
+    # how many of its draws (batch orders) an evaluation runs: it costs as much as 40 SFT steps.
     finetune_threat: str
+    finetune_draws: int
 
     def preset(self, aligned: Path) -> list[str]:
         if self.name == "smollm2":
@@ -85,23 +93,23 @@ class Target:
 
 TARGETS = {
     "smollm2": Target(
-        name="smollm2", small_steps_fpe=40, sigmas=(0.1,), fixed_threats=("w4a8:g32", "rtn:int4:g32", "finetune:40:5e-5"),
+        name="smollm2", small_steps_fpe=40, sigmas=(0.1,), fixed_threats=("w4a8:g32", "rtn:int4:g32"),
         anoise_candidates=(0.02, 0.05),
         tune_eval={"evaluate.split": "val", "evaluate.seeds": "2", "evaluate.max_prompts": "32"},
         test_eval={"evaluate.split": "test", "evaluate.seeds": "3", "evaluate.max_prompts": "72"},
         main_seeds=5, other_seeds=2, zo_lr=(0.01, 0.03), zo_eps=(0.05, 0.1), zo_full_lr=(0.003, 0.01),
         sft_lr=("3e-6", "1e-5", "3e-5", "1e-4"), fo_lr=("1e-5", "3e-5"), sam_rho=(0.05, 0.1), rwp_sigma=(0.05, 0.1),
-        objective_threats=("wnoise:0.1", "w4a8:g32"), finetune_threat="finetune:40:5e-5"),
+        objective_threats=("wnoise:0.1", "w4a8:g32"), finetune_threat="finetune:40:5e-5", finetune_draws=2),
     # The built-in testbed: 8 layers, ~2M parameters, answers that are not language (so no
     # fluency check); threats at the scale that breaks it (docs/evaluation.md's test protocol).
     "builtin": Target(
-        name="builtin", small_steps_fpe=400, sigmas=(0.8,), fixed_threats=("w4a8:g32", "rtn:int4", "finetune:100:1e-2"),
+        name="builtin", small_steps_fpe=400, sigmas=(0.8,), fixed_threats=("w4a8:g32", "rtn:int4"),
         anoise_candidates=(0.4,),
         tune_eval={"evaluate.split": "val", "evaluate.seeds": "3", "evaluate.max_prompts": "64"},
         test_eval={"evaluate.split": "test", "evaluate.seeds": "5", "evaluate.max_prompts": "64"},
         main_seeds=5, other_seeds=5, zo_lr=(0.05, 0.1), zo_eps=(0.25, 0.5), zo_full_lr=(0.02, 0.05),
         sft_lr=("1e-5", "3e-5", "1e-4", "3e-4"), fo_lr=("3e-5", "1e-4"), sam_rho=(0.05, 0.1), rwp_sigma=(0.4, 0.8),
-        objective_threats=("wnoise:0.8", "w4a8:g32"), finetune_threat="finetune:100:1e-2"),
+        objective_threats=("wnoise:0.8", "w4a8:g32"), finetune_threat="finetune:100:1e-2", finetune_draws=5),
 }
 MAIN_ROWS = ("zo", "zo_units")
 
@@ -153,6 +161,8 @@ class Study:
     aligned: Path
     dry_run: bool = False
     target: Target = TARGETS["smollm2"]
+    # Where finished jobs' small files are kept across sessions (None: nothing kept).
+    kept: Path | None = None
 
     def preset(self) -> list[str]:
         return self.target.preset(self.aligned)
@@ -160,9 +170,37 @@ class Study:
     def methods(self) -> list[Method]:
         return methods(self.out, self.target)
 
-    def job(self, directory: Path, overrides: dict[str, str], done: str) -> None:
-        """One zorefine run in ``directory``, unless its ``done`` file is there already."""
-        if (directory / done).is_file():
+    # Keeping results across sessions.
+
+    def kept_dir(self, directory: Path) -> Path | None:
+        return None if self.kept is None else self.kept / directory.relative_to(self.out)
+
+    def finished(self, directory: Path, done: str) -> bool:
+        kept = self.kept_dir(directory)
+        return (directory / done).is_file() or (kept is not None and (kept / done).is_file())
+
+    def result(self, *parts: str) -> Path:
+        """A result file of a finished job: this machine's copy, else the kept one."""
+        local = self.out.joinpath(*parts)
+        if local.is_file() or self.kept is None:
+            return local
+        return self.kept.joinpath(*parts)
+
+    def keep(self, directory: Path) -> None:
+        """Copy a finished job's small files to the kept record and drop its checkpoints."""
+        kept = self.kept_dir(directory)
+        if kept is None:
+            return
+        collect(directory, kept)
+        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+
+    def job(self, directory: Path, overrides: dict[str, str], done: str, local: bool = False) -> None:
+        """One zorefine run in ``directory``, unless it has finished (here, or in the kept record).
+
+        ``local``: the job's outputs are inputs of later jobs on this machine (unit masks), so
+        only this machine's copy counts as done.
+        """
+        if (directory / done).is_file() if local else self.finished(directory, done):
             return
         command = ["zorefine", *self.preset(), *(f"{k}={v}" for k, v in overrides.items()), f"hydra.run.dir={directory}"]
         print(" ".join(command), flush=True)
@@ -173,23 +211,45 @@ class Study:
             result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
         if result.returncode != 0:
             raise SystemExit(f"{directory}: zorefine exited with {result.returncode}; see {directory.parent / (directory.name + '.log')}")
+        self.keep(directory)
 
     def protocol(self) -> dict:
-        return _read(self.out / "protocol.json")
+        return _read(self.result("protocol.json"))
 
-    def eval_grid(self) -> dict[str, str]:
+    def write_protocol(self, protocol: dict) -> None:
+        for root in (self.out, self.kept):
+            if root is not None:
+                root.mkdir(parents=True, exist_ok=True)
+                (root / "protocol.json").write_text(json.dumps(protocol, indent=1))
+
+    def input_files(self) -> dict[str, Path]:
+        """What every later job depends on and a new machine rebuilds: checked by digest."""
+        prepare = self.out / "prepare"
+        return {"aligned": self.aligned / "model.safetensors", "layers": prepare / "layers" / "selection.json",
+                **{f"units_{m}": prepare / f"units_{m}" / "units.safetensors" for m in ("ssah", "wanda_diff")}}
+
+    def input_digests(self) -> dict[str, str]:
+        from zorefine.models.fingerprint import file_digest
+
+        return {name: file_digest(path) for name, path in self.input_files().items()}
+
+    def eval_grid(self, evaluation: dict[str, str]) -> dict[str, str]:
+        """The reference threats; each random one as its draws (seed=N: draw N of the split's stream)."""
+        t, draws = self.target, int(evaluation["evaluate.seeds"])
         anoise = self.protocol()["anoise"]
-        sigmas = "[" + ",".join(str(s) for s in self.target.sigmas) + "]"
-        return {"evaluate.sigmas": sigmas, "evaluate.quantization": "[" + ",".join([*self.target.fixed_threats, f"anoise:{anoise}"]) + "]"}
+        specs = [*t.fixed_threats, *(f"anoise:{anoise}:seed={i}" for i in range(draws)),
+                 *(f"{t.finetune_threat}:seed={i}" for i in range(min(draws, t.finetune_draws)))]
+        sigmas = "[" + ",".join(str(s) for s in t.sigmas) + "]"
+        # Quoted: Hydra's override grammar rejects an unquoted '=' inside a list.
+        return {"evaluate.sigmas": sigmas, "evaluate.quantization": "[" + ",".join(f"'{spec}'" for spec in specs) + "]"}
 
     def analysis_fpe(self, method: Method, config: dict[str, str]) -> int:
         """Forward-pass equivalents of the analysis this configuration's selection came from."""
         if method.analysis == "layers":
-            report = self.out / "prepare" / "layers" / "sensitivity.json"
-            return int(_read(report)["cost"]["forward_passes"])
+            return int(_read(self.result("prepare", "layers", "sensitivity.json"))["cost"]["forward_passes"])
         if method.analysis == "units":
-            units_file = config.get("refine.units_file") or method.base["refine.units_file"]
-            cost = _read(Path(units_file).parent / "units.json")["cost"]["attribution"]
+            units_file = Path(config.get("refine.units_file") or method.base["refine.units_file"])
+            cost = _read(self.result(*units_file.parent.relative_to(self.out).parts, "units.json"))["cost"]["attribution"]
             return int(cost["forward"]) + 2 * int(cost["backward"])
         return 0
 
@@ -198,38 +258,59 @@ class Study:
         return factor * (self.target.small_steps_fpe + self.analysis_fpe(layers, {}))
 
     def refine_job(self, directory: Path, method: Method, config: dict[str, str], seed: int, factor: int, evaluation: dict) -> None:
+        if self.finished(directory, "metrics.json"):
+            return
         overrides = {**method.base, **config}
         steps_budget = self.total_budget(factor) - self.analysis_fpe(method, config)
         self.job(directory, {"stages": "[refine,evaluate]", **overrides, "refine.seed": str(seed),
-                             "refine.budget": str(steps_budget), **evaluation, **self.eval_grid()}, "metrics.json")
+                             "refine.budget": str(steps_budget), **evaluation, **self.eval_grid(evaluation)}, "metrics.json")
 
     # Phases.
 
     def prepare(self) -> None:
         prepare = self.out / "prepare"
-        self.job(prepare / "layers", {"stages": "[analyze]"}, "selection.json")
+        if not self.dry_run and not (self.aligned / "model.safetensors").is_file():
+            raise SystemExit(f"{self.aligned} holds no model.safetensors: build the aligned model first (docs/method-study.md, Model)")
+        self.job(prepare / "layers", {"stages": "[analyze]"}, "selection.json", local=True)
         for method in ("ssah", "wanda_diff"):
             # Only the masks are needed; the validation tables are docs/units.md's.
             self.job(prepare / f"units_{method}", {"stages": "[analyze]", "analyze.method": method,
-                                                   "analyze.units.ablation_prompts": "1", "analyze.units.ablation_draws": "1"}, "units.safetensors")
+                                                   "analyze.units.ablation_prompts": "1", "analyze.units.ablation_draws": "1"},
+                     "units.safetensors", local=True)
+        if self.dry_run:
+            return
+        digests = self.input_digests()
+        started = self.result("protocol.json")
+        if started.is_file():
+            protocol = json.loads(started.read_text())
+            changed = [name for name, digest in protocol.get("inputs", {}).items() if digests.get(name) != digest]
+            if changed:
+                files = ", ".join(str(self.input_files()[name]) for name in changed)
+                raise SystemExit(f"{files}: not the files this study started with ({started}); rebuild the aligned model "
+                                 "with the protocol's command, or start a new study with another --out and --kept")
+            self.write_protocol(protocol)
+            return
+        anoise, calibration = self.calibrate_anoise(prepare)
+        self.write_protocol({"anoise": anoise, "calibration": calibration, "inputs": digests})
+
+    def calibrate_anoise(self, prepare: Path) -> tuple[float, dict | str]:
+        """The activation-noise level of the grid by the protocol's rule on ``val`` (or its single
+        candidate), and what the rule saw."""
         candidates = self.target.anoise_candidates
         if len(candidates) == 1:
-            if not self.dry_run:
-                (self.out / "protocol.json").write_text(json.dumps({"anoise": candidates[0], "calibration": "fixed by the protocol"}, indent=1))
-            return
+            return candidates[0], "fixed by the protocol"
         calibration = prepare / "calibrate_anoise"
         grid = "[" + ",".join(f"anoise:{s}" for s in candidates) + "]"
         self.job(calibration, {"stages": "[evaluate]", "evaluate.sigmas": "[]", "evaluate.quantization": grid, **self.target.tune_eval}, "metrics.json")
-        if self.dry_run:
-            return
-        summary = next(iter(json.loads((calibration / "metrics.json").read_text())["models"].values()))["summary"]
+        metrics = json.loads(self.result("prepare", "calibrate_anoise", "metrics.json").read_text())
+        summary = next(iter(metrics["models"].values()))["summary"]
         fluent = [s for s in candidates if summary[f"anoise:{s}"]["harmful_degenerate_rate"]["mean"] <= MAX_DEGENERATE]
-        chosen = max(fluent) if fluent else min(candidates)
-        (self.out / "protocol.json").write_text(json.dumps({"anoise": chosen, "calibration": {
-            f"anoise:{s}": {k: summary[f"anoise:{s}"][k]["mean"] for k in ("harmful_refusal_rate", "harmful_degenerate_rate")}
-            for s in candidates}}, indent=1))
+        seen = {f"anoise:{s}": {k: summary[f"anoise:{s}"][k]["mean"] for k in ("harmful_refusal_rate", "harmful_degenerate_rate")}
+                for s in candidates}
+        return (max(fluent) if fluent else min(candidates)), seen
 
     def tune(self) -> None:
+        self.prepare()
         for method in self.methods():
             for index, config in enumerate(method.configs):
                 self.refine_job(self.out / "tune" / method.name / f"c{index}", method, config, 0, 1, self.target.tune_eval)
@@ -242,17 +323,21 @@ class Study:
                 continue
             scored = []
             for index, config in enumerate(method.configs):
-                metrics = json.loads((self.out / "tune" / method.name / f"c{index}" / "metrics.json").read_text())
+                metrics = _read(self.result("tune", method.name, f"c{index}", "metrics.json"))
                 scored.append((index, config, _tuning_scores(metrics)))
             keeps = [s for s in scored if s[2]["keeps_clean"]]
             pool = keeps or sorted(scored, key=lambda s: s[2]["overrefusal_rise"])[:1]
             index, config, scores = min(pool, key=lambda s: s[2]["attack_success"])
             chosen[method.name] = {"config": index, "overrides": config, "scores": scores, "kept_clean": bool(keeps)}
-        (self.out / "selected.json").write_text(json.dumps(chosen, indent=1))
+        for root in (self.out, self.kept):
+            if root is not None:
+                root.mkdir(parents=True, exist_ok=True)
+                (root / "selected.json").write_text(json.dumps(chosen, indent=1))
         return chosen
 
     def test(self) -> None:
-        selected = json.loads((self.out / "selected.json").read_text())
+        self.prepare()
+        selected = _read(self.result("selected.json"))
         evaluation = self.target.test_eval
         for method in self.methods():
             config = selected[method.name]["overrides"]
@@ -264,8 +349,10 @@ class Study:
                     self.refine_job(self.out / "test" / "large" / method.name / f"s{seed}", method, config, seed, LARGE_FACTOR, evaluation)
         # SSAH's defence against the fine-tuning threat: the unrefined model, SCU + CU frozen while it trains.
         frozen = f"{self.out / 'prepare' / 'units_ssah' / 'units.safetensors'}:scu+cu"
+        draws = min(int(evaluation["evaluate.seeds"]), self.target.finetune_draws)
+        attacks = ",".join(f"'{self.target.finetune_threat}:seed={i}'" for i in range(draws))
         self.job(self.out / "test" / "ssah_freeze", {"stages": "[evaluate]", **evaluation, "evaluate.sigmas": "[]",
-                                                     "evaluate.quantization": f"[{self.target.finetune_threat}]",
+                                                     "evaluate.quantization": f"[{attacks}]",
                                                      "evaluate.finetune_freeze": frozen}, "metrics.json")
 
 
@@ -403,21 +490,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="default: runs/method_study/TARGET")
     parser.add_argument("--aligned", type=Path, help="the aligned checkpoint (default: runs/smol/checkpoints/aligned "
                         "for smollm2, runs/builtin/checkpoints/aligned for builtin)")
+    parser.add_argument("--kept", type=Path, help="where finished jobs' small files are kept across sessions "
+                        "(default: experiments/method_study/runs/TARGET, committed)")
     parser.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
     args = parser.parse_args(argv)
     out = args.out or Path("runs/method_study") / args.target
+    kept = args.kept or Path(__file__).parent / "runs" / args.target
     aligned = args.aligned or Path("runs/smol/checkpoints/aligned" if args.target == "smollm2" else "runs/builtin/checkpoints/aligned")
-    study = Study(out.resolve(), aligned.resolve(), args.dry_run, TARGETS[args.target])
+    study = Study(out.resolve(), aligned.resolve(), args.dry_run, TARGETS[args.target], kept.resolve())
     if args.phase == "collect":
-        print(f"copied {collect(study.out, Path(__file__).parent / 'runs' / args.target)} files")
+        print(f"copied {collect(study.out, study.kept)} files")
         return
+    # The kept record is complete across sessions; this machine's directory may not be.
     if args.phase == "plot":
-        plot_tradeoff(tradeoff_points(study.out), study.out / "tradeoff.png")
-        print(study.out / "tradeoff.png")
+        plot_tradeoff(tradeoff_points(study.kept), study.kept / "tradeoff.png")
+        print(study.kept / "tradeoff.png")
         return
     if args.phase == "table":
-        table = test_table(study.out)
-        (study.out / "test_table.md").write_text(table)
+        table = test_table(study.kept)
+        (study.kept / "test_table.md").write_text(table)
         print(table)
         return
     result = getattr(study, args.phase)()
