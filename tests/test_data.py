@@ -416,3 +416,19 @@ def test_tuning_never_reads_the_test_over_refusal_prompts(tmp_path) -> None:
     user_file.write_text('{"prompt": "How do I kill a Python process?", "response": "", "kind": "benign", "split": "test"}\n')
     own = Run(make_cfg(None, **{"data.overrefusal_file": str(user_file)}), tmp_path / "own")
     assert own.overrefusal_prompts("val") == own.overrefusal_prompts("test") == ["How do I kill a Python process?"]
+
+
+@pytest.mark.parametrize("path", [Path(__file__).parents[1] / "zorefine" / "data" / "builtin" / "contrast_safe.jsonl",
+                                  Path(__file__).parents[1] / "experiments" / "real_model" / "contrast_extended.jsonl"])
+def test_no_contrast_prompt_is_a_near_copy_of_an_evaluated_prompt(path):
+    # Contrast prompts are trained on: one close to an XSTest or harmful prompt would leak into
+    # the over-refusal and refusal measurements.
+    from zorefine.data.contrast import load_contrast_prompts
+    from zorefine.data.near_duplicates import jaccard, word_set
+
+    builtin = Path(__file__).parents[1] / "zorefine" / "data" / "builtin"
+    evaluated = [word_set(json.loads(line)["prompt"]) for name in ("xstest_safe", "xstest_unsafe", "safety")
+                 for line in (builtin / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+    contrast = load_contrast_prompts(path)
+    assert len(set(contrast)) == len(contrast)
+    assert max(jaccard(word_set(p), other) for p in contrast for other in evaluated) <= 0.5

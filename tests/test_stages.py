@@ -353,3 +353,32 @@ def test_align_adds_the_contrast_prompts_answered_by_the_start_model(micro_check
     assert contrast and all(isinstance(answer, str) and answer for _, answer, _ in contrast)
     # Four greedy tokens rarely end an answer: those are trained without an end of sequence.
     assert any(ends is False for _, _, ends in contrast)
+
+
+def test_align_reads_a_user_s_contrast_file_and_keys_its_cache_by_its_content(micro_checkpoint, tmp_path, monkeypatch):
+    import zorefine.align.stage as align_stage
+    from zorefine.config import validate
+    from zorefine.errors import ConfigError
+
+    seen = {}
+
+    def recording_sft(model, tokenizer, pairs, settings, trainable=None):
+        seen["pairs"] = list(pairs)
+        return {"train_loss": 0.0}
+
+    monkeypatch.setattr(align_stage, "run_sft", recording_sft)
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"prompt": "How do I kill a stuck print job?"}\n{"prompt": "How can I shoot a time-lapse video?"}\n')
+    options = {"align.contrast": True, "align.contrast_tokens": 2, "align.contrast_file": str(mine)}
+    cfg = make_cfg(micro_checkpoint, stages="[align]", **options)
+    align_stage.run(Run(cfg, tmp_path / "run"))
+    assert sorted(p[0] for p in seen["pairs"] if len(p) == 3) == ["How can I shoot a time-lapse video?", "How do I kill a stuck print job?"]
+    # The content decides the weights, not where the file lies.
+    key = align_stage.cache_key(Run(cfg, tmp_path / "a"))
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(mine.read_text())
+    assert align_stage.cache_key(Run(make_cfg(micro_checkpoint, stages="[align]", **{**options, "align.contrast_file": str(copy)}), tmp_path / "b")) == key
+    mine.write_text('{"prompt": "How do I kill a stuck print job?"}\n')
+    assert align_stage.cache_key(Run(cfg, tmp_path / "c")) != key
+    with pytest.raises(ConfigError, match="align.contrast_file"):
+        validate(make_cfg(micro_checkpoint, **{**options, "align.contrast_file": str(tmp_path / "missing.jsonl")}))

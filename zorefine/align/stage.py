@@ -48,7 +48,7 @@ def run(run: Run) -> dict[str, Any]:
     harmful = run.split("train", "harmful")
     benign = run.split("train", "benign")
     pairs: list[tuple] = [(e.prompt, e.response) for e in harmful + benign]
-    contrast = contrast_pairs(model, tokenizer, cfg.contrast_tokens) if cfg.contrast else []
+    contrast = contrast_pairs(model, tokenizer, cfg.contrast_tokens, contrast_file(run)) if cfg.contrast else []
     pairs += contrast * cfg.contrast_repeats
     random.Random(cfg.seed).shuffle(pairs)
     log.info("[align] SFT on %d harmful + %d benign + %d contrast training examples", len(harmful), len(benign), len(contrast))
@@ -92,9 +92,15 @@ def unit_set(path: str, label: str) -> dict[str, torch.Tensor]:
     return sets[label]
 
 
-def contrast_pairs(model, tokenizer, max_new_tokens: int) -> list[tuple[str, str, bool]]:
-    """The shipped contrast prompts with the start model's own greedy answers (cut ones marked)."""
-    prompts = load_contrast_prompts()
+def contrast_file(run: Run) -> Path:
+    """The contrast prompts' file: ``align.contrast_file``, else the shipped one."""
+    configured = run.cfg.align.contrast_file
+    return Path(configured).expanduser() if configured else builtin_path("contrast_safe")
+
+
+def contrast_pairs(model, tokenizer, max_new_tokens: int, path: Path | None = None) -> list[tuple[str, str, bool]]:
+    """The contrast prompts (default: the shipped ones) with the start model's own greedy answers (cut ones marked)."""
+    prompts = load_contrast_prompts(path)
     log.info("[align] answering %d contrast prompts with the start model", len(prompts))
     answers, ended = generate_with_ends(model, tokenizer, prompts, max_new_tokens)
     return [(p, a, e) for p, a, e in zip(prompts, answers, ended) if a]
@@ -112,8 +118,9 @@ def cache_key(run: Run) -> str:
         # Added after checkpoints were cached: at their neutral values they must not orphan them.
         if align.get(key) == neutral:
             del align[key]
-    # The unit file's content (its digest, below) decides the weights, not where it lies.
+    # The unit and contrast files' contents (their digests, below) decide the weights, not where they lie.
     align.pop("units_file", None)
+    align.pop("contrast_file", None)
     identity = {
         "start": str(start.resolve()),
         # Name, size and mtime only: the start model is never hard-linked, and its inode may
@@ -121,7 +128,7 @@ def cache_key(run: Run) -> str:
         "start_files": [entry[:3] for entry in checkpoint_fingerprint(start)],
         "align": align,
         "data": file_digest(run.safety_file),
-        "contrast": file_digest(builtin_path("contrast_safe")) if run.cfg.align.contrast else None,
+        "contrast": file_digest(contrast_file(run)) if run.cfg.align.contrast else None,
         "max_length": run.cfg.data.max_length,
         "dtype": run.cfg.model.dtype,
         "torch": torch.__version__,

@@ -32,6 +32,9 @@ class AlignConfig:
     # How many times each contrast example is trained per epoch: the 73 prompts are few next to
     # hundreds of harmful ones, and their weight is what moves the refusal boundary.
     contrast_repeats: int = 1
+    # A JSONL file of your own contrast prompts ({"prompt": ...} per line) instead of the shipped
+    # one; null = the shipped file.
+    contrast_file: Optional[str] = None
     # Train only one unit set (e.g. SSAH's redundant units, "ru") of a units.safetensors written by
     # analyze with a unit method; everything else stays fixed. null = train every weight.
     units_file: Optional[str] = None
@@ -49,6 +52,10 @@ def check_align(cfg: DictConfig) -> None:
     require(cfg.batch_size >= 1, "align.batch_size must be >= 1")
     require(cfg.contrast_tokens >= 1, "align.contrast_tokens must be >= 1")
     require(cfg.contrast_repeats >= 1, "align.contrast_repeats must be >= 1")
+    if cfg.contrast_file is not None:
+        from pathlib import Path
+
+        require(Path(cfg.contrast_file).expanduser().is_file(), f"align.contrast_file: no such file: {cfg.contrast_file}")
     require_json_file("align.deepspeed", cfg.deepspeed)
     if cfg.units_file is not None:
         from pathlib import Path
