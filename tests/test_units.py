@@ -517,6 +517,29 @@ def test_the_circuit_search_removes_what_the_refusals_need_and_its_price_keeps_i
     assert not any(bool(m.any()) for m in costly.circuit.values())
 
 
+def test_the_circuit_search_s_sufficiency_term_scores_the_refusals_with_only_the_circuit_kept(micro_tokenizer):
+    from zorefine.analyze.safeseek import find_circuit
+    from zorefine.models.objectives import encode_batch, response_nll
+
+    model, _, trigger_ids = _planted_model("llama", micro_tokenizer)
+    safety, utility = _planted_data(micro_tokenizer, trigger_ids)
+    groups = find_unit_groups(model)
+    linears = decoder_linears(model)
+    outputs = {g.output: linears[g.output] for g in groups}
+    search = dict(steps=1, lr=1e-9, sparsity=0.0, batch_size=4, max_length=96)
+    without = find_circuit(model, micro_tokenizer, groups, outputs, safety, utility, **search)
+    weighted = find_circuit(model, micro_tokenizer, groups, outputs, safety, utility, sufficiency=0.5, **search)
+    # Every unit starts kept, so the circuit starts empty: "only the circuit" is every unit removed.
+    everything = units_to_masks(groups, {g.key: torch.ones(g.size, dtype=torch.bool) for g in groups})
+    with torch.no_grad(), threatened(model, MaskAblation(everything)):
+        alone = float(response_nll(model, encode_batch(micro_tokenizer, safety[:4], 96)))
+    assert weighted.losses[0] - without.losses[0] == pytest.approx(0.5 * alone, rel=1e-4)
+    assert weighted.passes.forward == without.passes.forward + 1 and weighted.passes.backward == without.passes.backward + 1
+    # The hooks are gone and the complement switch is off again: the model is untouched.
+    with torch.no_grad():
+        assert float(response_nll(model, encode_batch(micro_tokenizer, safety[:4], 96))) != pytest.approx(alone)
+
+
 def test_the_agreement_tables_compare_methods_entry_by_entry(micro_checkpoint, tmp_path):
     from zorefine.analyze import stage as analyze
     from zorefine.analyze.unit_agreement import agreement_markdown, jaccard

@@ -9,11 +9,14 @@ minimise, with the weights frozen,
 - the *unlikelihood* of the refusals on harmful prompts (``−log(1 − p(token))`` per refusal
   token): with the circuit removed, the model should no longer refuse;
 - the NLL of benign answers: what is removed must not be what all language needs;
-- ``sparsity · mean(1 − σ(ℓ))``: every unit removed costs, so the circuit stays small.
+- ``sparsity · mean(1 − σ(ℓ))``: every unit removed costs, so the circuit stays small;
+- optionally (``sufficiency`` > 0, SafeSeek's second objective) ``sufficiency ×`` the NLL of the
+  refusals with *only* the circuit kept (the complementary mask, straight-through as well):
+  the circuit should carry refusal on its own. Off by default: on a small model the circuit is
+  a few percent of the units and the model with everything else removed has no language left
+  to refuse with, so the term mostly pushes the circuit to grow.
 
-The circuit is the units whose mask ends at zero. (SafeSeek also asks the circuit alone to
-refuse, with everything else removed; at 97% of a small model's units removed no language
-model is left to refuse with, so that term is not used here.)
+The circuit is the units whose mask ends at zero.
 """
 
 from __future__ import annotations
@@ -78,14 +81,19 @@ def find_circuit(
     batch_size: int = 8,
     max_length: int = 256,
     init_logit: float = 3.0,
+    sufficiency: float = 0.0,
 ) -> CircuitSearch:
     """Learn the mask logits (weights untouched) and return the circuit (units whose mask is zero)."""
     device = next(model.parameters()).device
     logits = {g.key: torch.full((g.size // unit_width(g),), init_logit, device=device, requires_grad=True) for g in groups}
+    # Whether the forward keeps only the circuit (the complement of the mask).
+    only_circuit = [False]
 
     def hook_for(group: UnitGroup):
         def mask_input(_module, inputs):
             soft = torch.sigmoid(logits[group.key])
+            if only_circuit[0]:
+                soft = 1 - soft
             hard = (soft > 0.5).to(soft.dtype)
             mask = (hard + soft - soft.detach()).repeat_interleave(unit_width(group))
             return (inputs[0] * mask.to(inputs[0].dtype),) + tuple(inputs[1:])
@@ -105,6 +113,14 @@ def find_circuit(
             loss = _unlikelihood(model, encode_batch(tokenizer, pick(list(safety)), max_length)) + sparsity * (1 - kept).mean()
             if utility:
                 loss = loss + _nll(model, encode_batch(tokenizer, pick(list(utility)), max_length))
+                passes.forward += 1
+                passes.backward += 1
+            if sufficiency > 0:
+                only_circuit[0] = True
+                try:
+                    loss = loss + sufficiency * _nll(model, encode_batch(tokenizer, pick(list(safety)), max_length))
+                finally:
+                    only_circuit[0] = False
                 passes.forward += 1
                 passes.backward += 1
             loss.backward()

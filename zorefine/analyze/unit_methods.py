@@ -123,7 +123,7 @@ def circuit_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[P
     cfg = run.cfg.analyze.units
     groups, outputs = output_projections(model)
     search = find_circuit(model, tokenizer, groups, outputs, safety, utility, cfg.circuit_steps, cfg.circuit_lr,
-                          cfg.circuit_sparsity, cfg.batch_size, run.cfg.data.max_length)
+                          cfg.circuit_sparsity, cfg.batch_size, run.cfg.data.max_length, sufficiency=cfg.circuit_sufficiency)
     masks = units_to_masks(groups, search.channels(groups))
     widths = {g.key: unit_width(g) for g in groups}
 
@@ -135,7 +135,7 @@ def circuit_sets(run: Run, model, tokenizer, safety: list[Pair], utility: list[P
     counts = {kind: sum(int(search.circuit[g.key].sum()) for g in groups if g.kind == kind) for kind in ("attention", "mlp")}
     totals = {kind: sum(search.circuit[g.key].numel() for g in groups if g.kind == kind) for kind in ("attention", "mlp")}
     details = {"heads": counts["attention"], "of_heads": totals["attention"], "neurons": counts["mlp"], "of_neurons": totals["mlp"],
-               "steps": cfg.circuit_steps, "lr": cfg.circuit_lr, "sparsity": cfg.circuit_sparsity,
+               "steps": cfg.circuit_steps, "lr": cfg.circuit_lr, "sparsity": cfg.circuit_sparsity, "sufficiency": cfg.circuit_sufficiency,
                "loss_first": search.losses[0] if search.losses else None, "loss_last": search.losses[-1] if search.losses else None}
     logits = {f"logit::{key}": value for key, value in search.logits.items()}
     return UnitSets({"circuit": masks}, {"circuit": random_circuit}, "circuit", {"circuit": masks}, search.passes, details, logits)

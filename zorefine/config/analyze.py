@@ -32,6 +32,8 @@ class UnitMethodConfig:
     circuit_steps: int = 30
     circuit_lr: float = 0.1
     circuit_sparsity: float = 1.0
+    # SafeSeek's second objective: weight of the refusals' NLL with only the circuit kept (0: off).
+    circuit_sufficiency: float = 0.0
     # Validation prompts of each kind the ablation table is measured on, and random control sets per class.
     ablation_prompts: int = 48
     ablation_draws: int = 3
@@ -97,8 +99,8 @@ def check_analyze(cfg: DictConfig) -> None:
     require(all(0 <= units[k] < 1 for k in ("scu", "ucu", "ru")) and units.scu + units.ucu + units.ru < 1,
             "analyze.units.scu, ucu and ru are fractions of each group's units, in [0, 1), summing to less than 1")
     require(0 < units.q <= 1 and 0 <= units.p <= 1, "analyze.units.q must be in (0, 1] and analyze.units.p in [0, 1]")
-    require(units.circuit_steps >= 1 and units.circuit_lr > 0 and units.circuit_sparsity >= 0,
-            "analyze.units.circuit_steps must be >= 1, circuit_lr > 0 and circuit_sparsity >= 0")
+    require(units.circuit_steps >= 1 and units.circuit_lr > 0 and units.circuit_sparsity >= 0 and units.circuit_sufficiency >= 0,
+            "analyze.units.circuit_steps must be >= 1, circuit_lr > 0, circuit_sparsity >= 0 and circuit_sufficiency >= 0")
     require(units.ablation_draws >= 1, "analyze.units.ablation_draws must be >= 1")
     if units.finetune is not None:
         require(hasattr(parse_threat(units.finetune), "with_data"), f"analyze.units.finetune must be a finetune:STEPS spec, got {units.finetune!r}")
