@@ -8,6 +8,7 @@ reading of the README.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -263,7 +264,7 @@ class _FakeZorefine:
     def __init__(self, study: ModuleType):
         self.study, self.calls = study, []
 
-    def __call__(self, command, stdout=None, stderr=None):
+    def __call__(self, command, stdout=None, stderr=None, env=None):
         import json
         import types
 
@@ -328,6 +329,44 @@ def test_the_study_stops_when_a_rebuilt_input_differs_from_the_one_it_started_wi
     _aligned(tmp_path, b"a differently aligned model")
     with pytest.raises(SystemExit, match="not the files this study started with"):
         study.Study(tmp_path / "machine2", tmp_path / "aligned", target=study.TARGETS["builtin"], kept=kept).prepare()
+
+
+def _code_tree(root: Path, engine: str) -> Path:
+    (root / "zorefine" / "zo").mkdir(parents=True, exist_ok=True)
+    (root / "conf").mkdir(exist_ok=True)
+    (root / "zorefine" / "zo" / "engine.py").write_text(engine)
+    (root / "conf" / "config.yaml").write_text("seed: 0\n")
+    return root
+
+
+def test_the_study_stops_when_a_later_session_runs_other_engine_code(study, tmp_path, monkeypatch) -> None:
+    import json
+
+    fake = _FakeZorefine(study)
+    monkeypatch.setattr(study.subprocess, "run", fake)
+    kept, code = tmp_path / "kept", _code_tree(tmp_path / "checkout", "lr = 1.0\n")
+    study.Study(tmp_path / "machine1", _aligned(tmp_path), target=study.TARGETS["builtin"], kept=kept, code_root=code).prepare()
+    assert json.loads((kept / "protocol.json").read_text())["code"]["digest"] == study.code_digest(code)
+    # Compiled files and caches are not code.
+    (code / "zorefine" / "zo" / "__pycache__").mkdir()
+    (code / "zorefine" / "zo" / "__pycache__" / "engine.cpython-312.pyc").write_bytes(b"compiled")
+    study.Study(tmp_path / "machine1", tmp_path / "aligned", target=study.TARGETS["builtin"], kept=kept, code_root=code).prepare()
+    _code_tree(code, "lr = 0.5\n")
+    with pytest.raises(SystemExit, match="differ from the code this study started with"):
+        study.Study(tmp_path / "machine1", tmp_path / "aligned", target=study.TARGETS["builtin"], kept=kept, code_root=code).prepare()
+
+
+def test_study_jobs_import_the_study_s_own_checkout(study, tmp_path, monkeypatch) -> None:
+    seen = []
+
+    def run(command, stdout=None, stderr=None, env=None):
+        seen.append(env["PYTHONPATH"].split(os.pathsep)[0])
+        return _FakeZorefine(study)(command)
+
+    monkeypatch.setattr(study.subprocess, "run", run)
+    code = _code_tree(tmp_path / "checkout", "")
+    study.Study(tmp_path / "out", _aligned(tmp_path), target=study.TARGETS["builtin"], code_root=code).prepare()
+    assert seen and set(seen) == {str(code)}
 
 
 def test_every_random_reference_threat_runs_as_draws_of_the_split_s_stream(study, tmp_path) -> None:

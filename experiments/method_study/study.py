@@ -9,7 +9,8 @@ finished job's small files (trajectory, refine and metrics JSON, report, selecti
 done, and its checkpoints are deleted (a refined model is 0.5 GB; ``zorefine-replay`` rebuilds
 it from the aligned model and the kept trajectory). What is too large to keep (the unit masks)
 is rebuilt by ``prepare`` on a new machine and checked against the digests the study started
-with.
+with. The jobs run the zorefine of the checkout this script is in, and ``protocol.json`` pins
+its digest: a later session runs the study from a worktree of the commit it started with.
 
 - ``prepare``: the analyzer's layer ranking and the unit sets (SSAH, Wanda) of the aligned
   model; the activation-noise level of the reference grid, chosen on ``val`` by the protocol's
@@ -37,12 +38,17 @@ same total of forward-pass equivalents.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# The checkout this script belongs to: its jobs run this tree's zorefine, whatever is installed.
+REPO = Path(__file__).resolve().parents[2]
 
 # Tuning's acceptance rule (docs/method-study.md): clean over-refusal within +1 point and clean
 # utility loss within 2% of unrefined.
@@ -155,6 +161,29 @@ def methods(out: Path, target: Target = TARGETS["smollm2"]) -> list[Method]:
     ]
 
 
+def code_digest(root: Path) -> str:
+    """SHA-256 of the code every job runs (``zorefine/`` and ``conf/`` under ``root``): a study is
+    one version of the engine, so a later session must run the same one."""
+    digest = hashlib.sha256()
+    for folder in ("zorefine", "conf"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def code_commit(root: Path) -> str | None:
+    """The git commit of ``root`` (for the record; the digest is what is checked)."""
+    try:
+        # Popen, not run: the tests stand a fake zorefine in for subprocess.run.
+        with subprocess.Popen(["git", "-C", str(root), "rev-parse", "HEAD"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) as git:
+            commit = git.communicate()[0].strip()
+    except OSError:
+        return None
+    return commit if git.returncode == 0 and commit else None
+
+
 @dataclass
 class Study:
     out: Path
@@ -163,6 +192,8 @@ class Study:
     target: Target = TARGETS["smollm2"]
     # Where finished jobs' small files are kept across sessions (None: nothing kept).
     kept: Path | None = None
+    # The checkout whose zorefine the jobs run (and whose digest the protocol pins).
+    code_root: Path = REPO
 
     def preset(self) -> list[str]:
         return self.target.preset(self.aligned)
@@ -207,8 +238,10 @@ class Study:
         if self.dry_run:
             return
         directory.mkdir(parents=True, exist_ok=True)
+        # The jobs import this checkout's zorefine ahead of any installed copy.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.code_root), os.environ.get("PYTHONPATH")]))}
         with open(directory.parent / f"{directory.name}.log", "w") as log:
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         if result.returncode != 0:
             raise SystemExit(f"{directory}: zorefine exited with {result.returncode}; see {directory.parent / (directory.name + '.log')}")
         self.keep(directory)
@@ -288,10 +321,21 @@ class Study:
                 files = ", ".join(str(self.input_files()[name]) for name in changed)
                 raise SystemExit(f"{files}: not the files this study started with ({started}); rebuild the aligned model "
                                  "with the protocol's command, or start a new study with another --out and --kept")
+            self.check_code(protocol.get("code"))
             self.write_protocol(protocol)
             return
         anoise, calibration = self.calibrate_anoise(prepare)
-        self.write_protocol({"anoise": anoise, "calibration": calibration, "inputs": digests})
+        code = {"commit": code_commit(self.code_root), "digest": code_digest(self.code_root)}
+        self.write_protocol({"anoise": anoise, "calibration": calibration, "inputs": digests, "code": code})
+
+    def check_code(self, code: dict | None) -> None:
+        """Stop if this checkout's zorefine is not the one the study started with."""
+        if code is None or code["digest"] == code_digest(self.code_root):
+            return
+        commit = code.get("commit") or "the study's first commit"
+        raise SystemExit(f"{self.code_root}: zorefine/ or conf/ differ from the code this study started with ({commit}); "
+                         f"run it from a checkout of that commit: git worktree add ../study {commit} && "
+                         "python ../study/experiments/method_study/study.py PHASE --kept <this kept record>")
 
     def calibrate_anoise(self, prepare: Path) -> tuple[float, dict | str]:
         """The activation-noise level of the grid by the protocol's rule on ``val`` (or its single
