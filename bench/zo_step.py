@@ -1,29 +1,48 @@
-"""Benchmark: cost of one ZO step against one forward pass, zorefine vs a MeZO-faithful baseline.
+"""Benchmark: cost of one ZO step against one inference forward pass, zorefine vs MeZO.
 
 Prints one JSON object of ratios measured in this run (machines are noisy; ratios within one
-run are less so). Every step time is divided by a forward pass timed just before it, and the
-median of those paired ratios is reported, so slow drifts of a shared machine cancel.
+run are less so). Method, so that every figure means what its name says:
 
-- ``step_over_forward``: seconds per ZO step ÷ seconds per plain forward pass of the batch;
-- ``regen_share``: share of the step spent outside forward passes (regenerating directions,
-  writing weights), measured as the step with a free loss ÷ the real step;
-- ``speedup_vs_mezo``: MeZO-faithful step time ÷ zorefine step time, same selection and batch;
-- ``peak_memory_over_inference``: peak RSS while doing ZO steps ÷ peak RSS while doing
-  forwards, each in a fresh subprocess (glibc's mmap threshold fixed at 64 KiB, so freed
-  blocks leave the RSS) and sampled only after the model is built, with the default (±1)
-  directions. The default store keeps an fp32 master copy of the selected tensors (exact
-  restores), so a full-model selection costs one extra copy of the weights; the compensated
-  store about an eighth of one.
-- ``*_rademacher``: the same step with ±1 directions (cheaper to regenerate on CPU);
-  ``*_compensated``: with ``store="compensated"`` (fp32 weights moved in place and restored
-  exactly from ~half a byte per weight instead of a 4-byte master copy);
-  ``*_cached``: with the unperturbed prefix computed once per step (prefix caching).
+- **The reference is an inference forward**: the batch's loss under ``torch.no_grad()``, same
+  batch, dtype and device as the step (a ZO step builds no autograd graph, so neither does its
+  reference). Every step is timed against a reference run just before it and the median of those
+  paired ratios is reported, so slow drifts of a shared machine cancel.
+- **A step is what ``refine`` runs**: a real (non-zero) learning rate, so the update pass is paid;
+  with the prefix cache, the unperturbed prefix is captured *inside* every timed step, as
+  :func:`zorefine.refine.objective.step_objective` does each step.
+- **"vs MeZO" is like for like**: MeZO-faithful Gaussian steps against zorefine's Gaussian steps,
+  same selection, batch and ε (``speedup_vs_mezo``). The ±1 directions zorefine uses by default
+  are their own row (``rademacher_gain``: zorefine Gaussian step ÷ zorefine ±1 step); the prefix
+  cache is a third (``cache_gain``).
 
-The MeZO-faithful baseline follows Malladi et al. 2023: one global seed per step, each pass
-redraws every tensor's z in order from it; four passes per step (+ε, −2ε, +ε restore, update),
-out-of-place adds, no prefix caching.
+Keys, per selection (``full``: every parameter; ``top_half``: the decoder layers of the second
+half; ``default``: what the default run selects on the built-in model, its first and last
+decoder layers, where the prefix cache has nothing to skip):
 
-Usage: ``python bench/zo_step.py [--model builtin|100m|1b] [--batch 8] [--seq 96] [--repeats 5]``
+- ``mezo/step_over_forward``: the MeZO-faithful step (Malladi et al. 2023: one global seed per
+  step, each pass redraws every tensor's Gaussian z in order from it; four passes per step,
+  +ε, −2ε, +ε restore, update; out-of-place adds; no prefix cache);
+- ``gaussian/step_over_forward``, ``rademacher/step_over_forward`` (the default engine),
+  ``rademacher_compensated/step_over_forward`` (``store="compensated"``): zorefine's steps;
+- ``*_cached/step_over_forward``: the same with the prefix cache, capture included (``top_half``);
+- ``speedup_vs_mezo`` = mezo ÷ gaussian; ``rademacher_gain`` = gaussian ÷ rademacher;
+  ``cache_gain`` = rademacher ÷ rademacher_cached;
+- ``rademacher/engine_share``: the share of the default step spent outside forward passes
+  (drawing directions, writing weights), measured as the step with a free loss ÷ the real step;
+- ``full/rademacher/step_over_grad_forward``: the default full-model step against a forward that
+  builds the autograd graph, the reference earlier versions of this benchmark used by mistake
+  (kept to show how much that flattered the ratio);
+- ``*/peak_memory_over_inference``: peak memory while doing ZO steps ÷ peak while doing
+  inference forwards. On CPU: resident memory of a fresh subprocess (glibc's mmap threshold fixed
+  at 64 KiB, so freed blocks leave the RSS), sampled only after the model is built; on CUDA:
+  ``torch.cuda.max_memory_allocated``.
+
+``--device cuda`` runs the same on a GPU in bf16 (fp32 master copies for the selected tensors,
+which the engine keeps for half-precision weights anyway), timed with CUDA events, and adds
+``tokens_per_second`` of the inference forward and of the default full-model step.
+
+Usage: ``python bench/zo_step.py [--model builtin|100m|1b] [--batch 8] [--seq 96] [--repeats 5]
+[--device cpu|cuda]``
 """
 
 from __future__ import annotations
@@ -31,12 +50,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import threading
 import json
 import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -44,21 +63,29 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zorefine.models.layers import find_decoder_layers
-from zorefine.zo.prefix_cache import PrefixCache
 from zorefine.zo.engine import ZOEngine, ZOSettings, step_seed
+from zorefine.zo.prefix_cache import PrefixCache
 
 MODELS = {
     "builtin": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4),
     "100m": dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16),
 }
+SELECTIONS = ("full", "top_half", "default")
+EPS, LR = 1e-3, 1e-7  # a real update (lr > 0) every step, too small to move the loss
 
 
-def build(name: str) -> LlamaForCausalLM:
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build(name: str, device: str | None = None) -> LlamaForCausalLM:
+    """The benchmark's random Llama (bf16 on CUDA, fp32 on CPU)."""
     torch.manual_seed(0)
     config = LlamaConfig(**MODELS[name], num_key_value_heads=MODELS[name]["num_attention_heads"], max_position_embeddings=512)
     model = LlamaForCausalLM(config).eval()
-    return model.cuda() if torch.cuda.is_available() else model
+    device = device or default_device()
+    return model.to(device=device, dtype=torch.bfloat16) if device == "cuda" else model
 
 
 def batch_for(model, batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -67,52 +94,53 @@ def batch_for(model, batch: int, seq: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+class Clock:
+    """Seconds of one call: wall clock on CPU, CUDA events on a GPU (queued work included)."""
 
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    _sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    def seconds(self, fn: Callable[[], object]) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000.0
+
+    def median(self, fn: Callable[[], object], repeats: int) -> float:
+        """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
+        fn()
+        times = sorted(self.seconds(fn) for _ in range(repeats))
+        return times[len(times) // 2]
+
+    def ratio(self, fn: Callable[[], object], reference: Callable[[], object], repeats: int) -> float:
+        """Median over ``repeats`` of (seconds of ``fn``) ÷ (seconds of ``reference`` run just before)."""
+        fn(), reference()
+        ratios = []
+        for _ in range(repeats):
+            base = self.seconds(reference)
+            ratios.append(self.seconds(fn) / base)
+        return sorted(ratios)[len(ratios) // 2]
 
 
-def _once(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - start
-
-
-def ratio_to(fn: Callable[[], object], reference: Callable[[], object], repeats: int) -> float:
-    """Median over ``repeats`` of (seconds of ``fn``) ÷ (seconds of ``reference`` run just before).
-
-    Pairing each measurement with an adjacent reference cancels the slow drifts of a shared
-    machine (other jobs, frequency changes) that separate medians would fold into the ratio.
-    """
-    fn(), reference()
-    ratios = []
-    for _ in range(repeats):
-        base = _once(reference)
-        ratios.append(_once(fn) / base)
-    return sorted(ratios)[len(ratios) // 2]
+def first_refined_layer(model, which: str) -> int:
+    """The lowest decoder layer a selection touches (0 for the full model: the embeddings)."""
+    return len(find_decoder_layers(model)) // 2 if which == "top_half" else 0
 
 
 def selection(model, which: str) -> dict[str, torch.nn.Parameter]:
-    """"full": every parameter; "top_half": the decoder layers of the second half."""
+    """The parameters of ``which`` (see the module docstring)."""
     if which == "full":
         return dict(model.named_parameters())
     layers = find_decoder_layers(model)
+    indices = range(len(layers) // 2, len(layers)) if which == "top_half" else (0, len(layers) - 1)
     params: dict[str, torch.nn.Parameter] = {}
-    for index in range(len(layers) // 2, len(layers)):
+    for index in indices:
         params.update(layers.parameters(index))
     return params
 
@@ -131,7 +159,7 @@ class MeZOBaseline:
             param.data = param.data + scale * z
 
     @torch.no_grad()
-    def step(self, step: int, seed: int, lr: float, loss_fn: Callable[[], float]) -> None:
+    def step(self, seed: int, lr: float, loss_fn: Callable[[], float]) -> None:
         self._perturb(seed, self.eps)
         loss_plus = float(loss_fn())
         self._perturb(seed, -2 * self.eps)
@@ -140,57 +168,78 @@ class MeZOBaseline:
         self._perturb(seed, -lr * (loss_plus - loss_minus) / (2 * self.eps))
 
 
-def measure(model_name: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
-    model = build(model_name)
-    inputs = batch_for(model, batch, seq)
+class Steps:
+    """Step closures over one model and batch, each a fresh step seed."""
 
-    def loss() -> float:
-        return float(model(**inputs).loss)
+    def __init__(self, model, inputs: dict[str, torch.Tensor]) -> None:
+        self.model, self.inputs, self._count = model, inputs, iter(range(10**9))
 
-    results: dict[str, float] = {}
-    with torch.no_grad():
-        results["forward_seconds"] = timed(loss, repeats)
-    counter = iter(range(10**9))
+    def loss(self) -> float:
+        return float(self.model(**self.inputs).loss.detach())
 
-    def step_of(engine: ZOEngine, objective: Callable[[], float]) -> Callable[[], object]:
-        return lambda: engine.step(0, step_seed(0, next(counter)), 0.0, objective)
+    def inference(self) -> float:
+        with torch.no_grad():
+            return self.loss()
 
-    for which in ("full", "top_half"):
-        params = selection(model, which)
-        baseline = MeZOBaseline(params, eps=1e-3)
-        mezo = ratio_to(lambda: baseline.step(0, next(counter), 0.0, loss), loss, repeats)
-        results[f"{which}/mezo_step_over_forward"] = mezo
-        engine = ZOEngine(params, settings=ZOSettings(eps=1e-3, direction="gaussian"))
-        ours = ratio_to(step_of(engine, loss), loss, repeats)
-        free = ratio_to(step_of(engine, lambda: 0.0), loss, repeats)
-        engine.restore()
-        results[f"{which}/step_over_forward"] = ours
-        results[f"{which}/regen_share"] = free / ours
-        results[f"{which}/speedup_vs_mezo"] = mezo / ours
-        first = len(find_decoder_layers(model)) // 2 if which == "top_half" else 0
-        variants = [("gaussian", "copy"), ("rademacher", "copy"), ("rademacher", "compensated")]
-        for direction, store in variants:
-            if first == 0 and direction == "gaussian":
-                continue  # measured above
-            variant = ZOEngine(params, settings=ZOSettings(eps=1e-3, direction=direction, store=store))
-            tag = f"{which}{'_cached' if first else ''}_{direction}{'_compensated' if store == 'compensated' else ''}"
-            ratio = ratio_to(step_of(variant, _cached_loss(model, inputs, first)), loss, repeats)
-            variant.restore()
-            results[f"{tag}/step_over_forward"] = ratio
-            results[f"{tag}/speedup_vs_mezo"] = mezo / ratio
+    def engine(self, which: str, direction: str, store: str = "copy") -> ZOEngine:
+        settings = ZOSettings(eps=EPS, direction=direction, store=store)
+        return ZOEngine(selection(self.model, which), settings=settings)
+
+    def zo(self, engine: ZOEngine, first_layer: int | None = None, free: bool = False) -> Callable[[], object]:
+        """One refine step: capture the prefix (when ``first_layer`` > 0), then ±ε and the update."""
+        cache = PrefixCache(self.model, first_layer, keep_all=False) if first_layer else None
+        ids = self.inputs["input_ids"]
+
+        def loss() -> float:
+            with cache.replay():
+                return self.loss()
+
+        objective = (lambda: 0.0) if free else (loss if cache is not None else self.loss)
+
+        def step() -> None:
+            if cache is not None and not free:
+                cache.capture_prefix([lambda: self.model(input_ids=ids)])
+            engine.step(0, step_seed(0, next(self._count)), LR, objective)
+
+        return step
+
+    def mezo(self, which: str) -> Callable[[], object]:
+        baseline = MeZOBaseline(selection(self.model, which), EPS)
+        return lambda: baseline.step(next(self._count), LR, self.loss)
+
+
+def measure(model_name: str, batch: int, seq: int, repeats: int, device: str | None = None) -> dict[str, float]:
+    device = device or default_device()
+    model = build(model_name, device)
+    steps, clock = Steps(model, batch_for(model, batch, seq)), Clock(device)
+    ratio = lambda fn: clock.ratio(fn, steps.inference, repeats)  # noqa: E731
+    results: dict[str, float] = {"inference_forward_seconds": clock.median(steps.inference, repeats)}
+    for which in SELECTIONS:
+        first = first_refined_layer(model, which)
+        rows = {"mezo": ratio(steps.mezo(which))}
+        for tag, direction, store in (("gaussian", "gaussian", "copy"), ("rademacher", "rademacher", "copy"),
+                                      ("rademacher_compensated", "rademacher", "compensated")):
+            engine = steps.engine(which, direction, store)
+            rows[tag] = ratio(steps.zo(engine))
+            if first:
+                rows[f"{tag}_cached"] = ratio(steps.zo(engine, first))
+            if tag == "rademacher":
+                results[f"{which}/rademacher/engine_share"] = ratio(steps.zo(engine, free=True)) / rows[tag]
+                if which == "full":
+                    results["full/rademacher/step_over_grad_forward"] = clock.ratio(steps.zo(engine), steps.loss, repeats)
+            engine.restore()
+        for tag, value in rows.items():
+            results[f"{which}/{tag}/step_over_forward"] = value
+        results[f"{which}/speedup_vs_mezo"] = rows["mezo"] / rows["gaussian"]
+        results[f"{which}/rademacher_gain"] = rows["gaussian"] / rows["rademacher"]
+        if first:
+            results[f"{which}/cache_gain"] = rows["rademacher"] / rows["rademacher_cached"]
+    if device == "cuda":
+        tokens = batch * seq
+        results["inference_tokens_per_second"] = tokens / results["inference_forward_seconds"]
+        results["full/rademacher/step_tokens_per_second"] = (
+            tokens / (results["full/rademacher/step_over_forward"] * results["inference_forward_seconds"]))
     return results
-
-
-def _cached_loss(model, inputs: dict[str, torch.Tensor], first_layer: int) -> Callable[[], float]:
-    """What refine does each step: compute the unperturbed prefix once, replay it per pass."""
-    cache = PrefixCache(model, first_layer, keep_all=False)
-    cache.capture_prefix([lambda: model(input_ids=inputs["input_ids"])])
-
-    def loss() -> float:
-        with cache.replay() if cache.active else contextlib.nullcontext():
-            return float(model(**inputs).loss)
-
-    return loss
 
 
 def _rss_bytes() -> int:
@@ -218,28 +267,56 @@ class _PeakRSS:
         self.peak = max(self.peak, _rss_bytes())
 
 
+def _work(model, inputs: dict[str, torch.Tensor], mode: str) -> None:
+    """Three inference forwards, or three default refine steps of selection ``which[:store]``."""
+    steps = Steps(model, inputs)
+    if mode == "inference":
+        for _ in range(3):
+            steps.inference()
+        return
+    which, _, store = mode.partition(":")
+    step = steps.zo(steps.engine(which, "rademacher", store or "copy"), first_refined_layer(model, which))
+    for _ in range(3):
+        step()
+
+
 def _peak_rss_child(model_name: str, batch: int, seq: int, mode: str) -> int:
     """Peak RSS (bytes) while running forwards or ZO steps, after the model is built.
 
     Building a model has its own, higher peak (initialisation temporaries); sampling only the
     work phase keeps that out of the comparison.
     """
-    model = build(model_name)
+    model = build(model_name, "cpu")
     inputs = batch_for(model, batch, seq)
     gc.collect()
-    with torch.no_grad(), _PeakRSS() as rss:
-        if mode == "inference":
-            for _ in range(3):
-                model(**inputs)
-        else:
-            which, _, store = mode.partition(":")
-            engine = ZOEngine(selection(model, which), settings=ZOSettings(eps=1e-3, store=store or "copy"))
-            for step in range(3):
-                engine.step(step, step_seed(0, step), 1e-6, lambda: float(model(**inputs).loss))
+    with _PeakRSS() as rss:
+        _work(model, inputs, mode)
     return rss.peak
 
 
-def peak_memory_ratios(model_name: str, batch: int, seq: int) -> dict[str, float]:
+MEMORY_MODES = {"full": "full", "top_half": "top_half", "default": "default",
+                "full_compensated": "full:compensated", "top_half_compensated": "top_half:compensated"}
+
+
+def _cuda_peak(model_name: str, batch: int, seq: int, mode: str) -> int:
+    model = build(model_name, "cuda")
+    inputs = batch_for(model, batch, seq)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    _work(model, inputs, mode)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del model, inputs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
+def peak_memory_ratios(model_name: str, batch: int, seq: int, device: str | None = None) -> dict[str, float]:
+    if (device or default_device()) == "cuda":
+        inference = _cuda_peak(model_name, batch, seq, "inference")
+        return {f"{tag}/peak_memory_over_inference": _cuda_peak(model_name, batch, seq, mode) / inference
+                for tag, mode in MEMORY_MODES.items()}
     # A fixed mmap threshold makes glibc hand large blocks back to the system when freed,
     # so RSS follows what is allocated rather than what the allocator chose to keep cached.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -252,8 +329,7 @@ def peak_memory_ratios(model_name: str, batch: int, seq: int) -> dict[str, float
         return int(out.stdout.strip().splitlines()[-1])
 
     inference = child("inference")
-    modes = {"full": "full", "top_half": "top_half", "full_compensated": "full:compensated", "top_half_compensated": "top_half:compensated"}
-    return {f"{tag}/peak_memory_over_inference": child(mode) / inference for tag, mode in modes.items()}
+    return {f"{tag}/peak_memory_over_inference": child(mode) / inference for tag, mode in MEMORY_MODES.items()}
 
 
 def model_arguments(description: str) -> argparse.ArgumentParser:
@@ -266,17 +342,22 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = model_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.child:
         print(_peak_rss_child(args.model, args.batch, args.seq, args.child))
         return
-    report = {"model": args.model, "batch": args.batch, "seq": args.seq, "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    report.update(measure(args.model, args.batch, args.seq, args.repeats))
-    report.update(peak_memory_ratios(args.model, args.batch, args.seq))
+    device = args.device or default_device()
+    report = {"model": args.model, "batch": args.batch, "seq": args.seq, "device": device,
+              "dtype": "bfloat16" if device == "cuda" else "float32"}
+    report.update(measure(args.model, args.batch, args.seq, args.repeats, device))
+    report.update(peak_memory_ratios(args.model, args.batch, args.seq, device))
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()}, indent=2))
 
 

@@ -218,3 +218,18 @@ def test_fo_threat_refines_on_a_unit_set_and_charges_the_attribution(micro_check
     assert summary["num_parameters"] == int(mask.sum()) and summary["layers"] == [1]
     assert _changed(micro_checkpoint, tmp_path / "run") == {target}
     assert analysis_forward_passes(run) == 8 + 2 * 8 == summary["analysis_forward_passes"]
+
+
+def test_first_order_steps_of_bf16_weights_accumulate_in_an_fp32_master():
+    # A gradient of 1 per entry and Adam's unit-size step: lr 1e-4 moves a weight of 1.0 by far
+    # less than bf16's spacing there (2^-7), so only an fp32 master adds the 20 steps up.
+    model = torch.nn.Module()
+    model.theta = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    trainer = FirstOrderTrainer(model, {"theta": model.theta}, FirstOrderSettings("sft", lr=1e-4, weight_decay=0.0))
+    for step in range(20):
+        trainer.step(step, [lambda: model.theta.float().sum()])
+    assert trainer.masters["theta"].dtype == torch.float32
+    torch.testing.assert_close(trainer.masters["theta"], torch.full((64,), 1 - 20e-4), rtol=0, atol=1e-5)
+    assert model.theta.dtype == torch.bfloat16
+    assert torch.equal(model.theta.detach(), trainer.masters["theta"].to(torch.bfloat16))
+    assert float(model.theta[0].detach()) < 1.0  # 0.998 rounds to bf16's 0.99609375, below 1

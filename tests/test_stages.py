@@ -215,6 +215,17 @@ def test_refine_variants_replay_exactly(micro_checkpoint, tmp_path, overrides):
     assert all(torch.equal(replayed[k], refined[k]) for k in refined)
 
 
+def test_a_bf16_refinement_replays_bit_for_bit_in_bf16(micro_checkpoint, tmp_path):
+    cfg = make_cfg(micro_checkpoint, **{"refine.layers": "[0,2]", "refine.lr": 1e-2, "refine.steps": 3, "model.dtype": "bfloat16"})
+    refine.run(Run(cfg, tmp_path))
+    header, _ = read_trajectory(tmp_path / "trajectory.jsonl")
+    assert header["dtype"] == "bfloat16"
+    refined = _weights(tmp_path / "checkpoints" / "refined")
+    replayed = _weights(replay(micro_checkpoint, tmp_path / "trajectory.jsonl", tmp_path / "replayed"))
+    assert all(replayed[k].dtype == torch.bfloat16 and torch.equal(replayed[k], refined[k]) for k in refined)
+    assert any(not torch.equal(refined[k], _weights(micro_checkpoint)[k].to(torch.bfloat16)) for k in refined)
+
+
 def test_prefix_cache_gives_the_same_trajectory(micro_checkpoint, tmp_path):
     logs = {}
     for cached in (True, False):

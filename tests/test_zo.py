@@ -221,3 +221,56 @@ def test_normalized_optimizers_step_relative_to_each_tensor_under_relative_eps(o
     moved_large = float((large.detach() - start_large).abs().mean())
     assert moved_small > 0
     assert moved_large == pytest.approx(100 * moved_small, rel=1e-3)
+
+
+def test_an_engine_leaves_the_settings_it_was_given_as_they_were():
+    model = tiny_model("llama")
+    settings = ZOSettings(eps=1e-3)
+    engine = ZOEngine(_layer_params(model), eps=0.5, settings=settings)
+    assert engine.settings.eps == 0.5 and settings.eps == 1e-3
+
+
+@pytest.mark.parametrize("num_directions", [1, 2, 3])
+@pytest.mark.parametrize("evaluate_clean", [False, True])
+def test_a_step_costs_what_step_cost_says(monkeypatch, num_directions, evaluate_clean):
+    from zorefine.zo import directions
+    from zorefine.zo.engine import step_cost
+
+    model = tiny_model("llama")
+    params = {"w": _layer_params(model)["self_attn.q_proj.weight"] if "self_attn.q_proj.weight" in _layer_params(model)
+              else next(iter(_layer_params(model).values()))}
+    engine = ZOEngine(params, settings=ZOSettings(eps=1e-2, num_directions=num_directions))
+    draws, forwards = [], []
+    real_chunks = directions.Direction.chunks
+    monkeypatch.setattr(directions.Direction, "chunks", lambda self: draws.append(self.seed) or real_chunks(self))
+    engine.step(0, 7, 1e-3, lambda: forwards.append(1) or float(params["w"].sum()), evaluate_clean=evaluate_clean)
+    assert (len(forwards), len(draws)) == step_cost(num_directions, evaluate_clean)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_decaying_schedule_still_moves_the_weights_on_its_last_step(schedule):
+    from zorefine.zo.engine import scheduled
+
+    values = [scheduled(1.0, step, 10, schedule) for step in range(10)]
+    assert values[0] == 1.0 and all(a > b for a, b in zip(values, values[1:]))
+    assert values[-1] > 0.0
+    if schedule == "linear":
+        assert values[-1] == pytest.approx(0.1)
+    # The floor of an ε schedule is where a step past the last would be.
+    assert scheduled(1.0, 10, 10, schedule, final_fraction=0.1) == pytest.approx(0.1)
+
+
+def test_a_resumed_trajectory_carries_the_resumed_run_s_header(tmp_path):
+    from zorefine.zo.engine import ZOStepRecord
+    from zorefine.zo.trajectory import TrajectoryWriter, read_trajectory
+
+    log = tmp_path / "trajectory.jsonl"
+    with TrajectoryWriter(log, {"refine": {"steps": 20}}, 0) as writer:
+        for step in range(5):
+            writer.append(ZOStepRecord(step, step, 0.1, 1e-3, 1.0, 0.9))
+    # Killed after 5 of 20 steps; resumed as a run of 10 steps.
+    with TrajectoryWriter(log, {"refine": {"steps": 10}}, 5) as writer:
+        writer.append(ZOStepRecord(5, 5, 0.1, 1e-3, 1.0, 0.9))
+    header, steps = read_trajectory(log)
+    assert header["refine"]["steps"] == 10 and [s.step for s in steps] == list(range(6))
+    assert sum('"type": "header"' in line for line in log.read_text().splitlines()) == 1

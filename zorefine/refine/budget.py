@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 from zorefine.refine.first_order import FIRST_ORDER_METHODS, FORWARD_COST
+from zorefine.zo.engine import step_cost as engine_step_cost
 from zorefine.run import MASKS_FILE, SENSITIVITY_FILE, UNITS_FILE, Run
 
 
 def _zo_step_cost(cfg) -> int:
     """Forward passes of one ZO step: 2 per direction (+1 for L(θ) under the curvature schedule)."""
-    return (2 * cfg.zo.num_directions + (cfg.unit_schedule == "curvature")) * cfg.grad_accum
+    forwards, _ = engine_step_cost(cfg.zo.num_directions, evaluate_clean=cfg.unit_schedule == "curvature")
+    return forwards * cfg.grad_accum
 
 
 def step_cost(cfg) -> int:

@@ -69,6 +69,9 @@ class FirstOrderSettings:
             raise ValueError("fo_threat needs a threat spec (refine.objective_threat)")
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 class FirstOrderTrainer:
     """Backprop steps on ``params`` with one of the baseline step rules.
 
@@ -99,7 +102,11 @@ class FirstOrderTrainer:
         for param in self.params.values():
             param.requires_grad_(True)
         self._hooks = [] if trainable is None else freeze_masked(self.params, {n: ~m.bool() for n, m in trainable.items() if n in self.params})
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+        # Half-precision weights are stepped through an fp32 master copy: AdamW's small updates
+        # would mostly round away if applied to bf16 weights directly, step after step.
+        self.masters = {name: p.detach().float().clone() for name, p in self.params.items() if p.dtype in HALF_DTYPES}
+        stepped = [self.masters.get(name, param) for name, param in self.params.items()]
+        self.optimizer = torch.optim.AdamW(stepped, lr=settings.lr, weight_decay=settings.weight_decay)
         self._threat = parse_threat(settings.threat) if settings.method == "fo_threat" else None
 
     def _step_threat(self, step: int) -> Threat:
@@ -121,7 +128,7 @@ class FirstOrderTrainer:
     def step(self, step: int, loss_fns: Sequence[LossFn]) -> float:
         """One step on a batch (given as micro-batch losses); returns the loss at θ, or NaN if skipped."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         try:
             method = self.settings.method
             if method == "sft":
@@ -142,11 +149,26 @@ class FirstOrderTrainer:
             if not (math.isfinite(loss) and grads_finite):
                 # Same rule as the ZO loop: a non-finite step changes nothing.
                 return float("nan")
-            self.optimizer.step()
+            self._optimizer_step()
             return loss
         finally:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             self.model.eval()
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for param in self.params.values():
+            param.grad = None
+
+    @torch.no_grad()
+    def _optimizer_step(self) -> None:
+        """AdamW on the fp32 weights (the masters of half-precision ones, written back rounded)."""
+        for name, master in self.masters.items():
+            grad = self.params[name].grad
+            master.grad = None if grad is None else grad.float()
+        self.optimizer.step()
+        for name, master in self.masters.items():
+            self.params[name].copy_(master)
 
     def _sam_gradient(self, loss_fns: Sequence[LossFn]) -> float:
         """Leave in ``.grad`` the gradient at the worst point of the ρ-ball; returns L(θ)."""
@@ -163,7 +185,7 @@ class FirstOrderTrainer:
                 move = direction * param.abs() * scale if relative else direction * scale
                 param.add_(move)
                 moves.append((param, move))
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         try:
             self._backward(loss_fns)
         finally:
@@ -177,6 +199,7 @@ class FirstOrderTrainer:
     def release(self) -> None:
         """Drop optimizer state and gradients, and freeze the model again for evaluation."""
         self.optimizer.state.clear()
+        self.masters.clear()
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

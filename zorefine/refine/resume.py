@@ -42,9 +42,16 @@ def _same_trajectory(previous: dict[str, Any], current: dict[str, Any]) -> bool:
         previous.get("base_checkpoint") == current["base_checkpoint"]
         and previous.get("base_files") == current.get("base_files")
         and previous.get("parameters") == current["parameters"]
+        and previous.get("dtype", "float32") == current.get("dtype", "float32")
         and trajectory_settings(previous) == trajectory_settings(current)
         and version(previous) == version(current)
     )
+
+
+def _length(header: dict[str, Any]) -> tuple[Any, Any]:
+    """What decides a run's step count: ``(refine.steps, refine.budget)``."""
+    refine = header.get("refine", {})
+    return refine.get("steps"), refine.get("budget")
 
 
 def resume_records(engine: ZOEngine, log_path, header: dict[str, Any], max_steps: int) -> list:
@@ -53,6 +60,13 @@ def resume_records(engine: ZOEngine, log_path, header: dict[str, Any], max_steps
     if previous_header is not None and not _same_trajectory(previous_header, header):
         log.warning("[refine] %s belongs to another configuration; starting over", log_path)
         return []
+    if len(previous_steps) > max_steps:
+        log.warning("[refine] %s holds %d steps and this run asks for %d: keeping the first %d",
+                    log_path, len(previous_steps), max_steps, max_steps)
+    elif previous_header is not None and previous_steps and _length(previous_header) != _length(header):
+        steps, budget = _length(previous_header)
+        log.info("[refine] resuming %d logged steps of a run with steps=%s, budget=%s; this run takes %d steps",
+                 len(previous_steps), steps, budget, max_steps)
     previous_steps = previous_steps[:max_steps]
     if previous_steps:
         apply_records(engine, previous_steps, header.get("unit_parameters"))

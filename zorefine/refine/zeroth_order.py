@@ -79,6 +79,8 @@ def refine_zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dic
         "layers": layers,
         "units": selection.units,
         "parameters": list(params),
+        # Replay loads the base in this dtype: bf16 arithmetic is what makes a bf16 run's weights.
+        "dtype": run.cfg.model.dtype,
         "unit_parameters": unit_parameters,
         # A unit set: replay reads the same entries from the same (unchanged) file.
         **({"entries": {"file": selection.entries_file, "set": selection.entries_set, "digest": selection.entries_digest}} if entries else {}),

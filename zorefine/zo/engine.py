@@ -9,13 +9,15 @@ only (:class:`~zorefine.zo.weight_store.MasterCopy`), or, for fp32 weights with
 (:class:`~zorefine.zo.weight_store.CompensatedShift`). Either way restores are exact (bit for bit),
 and bf16/fp16 models do not lose small updates.
 
-Cost per step with q directions: 2q forward passes and 2q + 1 regenerations of the
-direction for plain ZO-SGD with q = 1 that is 3 (``+εz``, ``-εz``, and the update fused
-with the restore).
+Cost per step with q directions: 2q forward passes (one more, for L(θ), when the step evaluates
+the clean loss: the curvature unit schedule) and 3q regenerations of a direction: each direction
+is drawn for ``+εz``, for ``-εz``, and once more by the update, which is fused with the restore
+(:func:`step_cost`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Tuple
@@ -44,11 +46,21 @@ def direction_seed(seed: int, index: int) -> int:
     return seed if index == 0 else tensor_seed(seed, f"direction:{index}") % _STEP_SEED_SPACE
 
 
+def step_cost(num_directions: int, evaluate_clean: bool = False) -> tuple[int, int]:
+    """``(forward passes, direction regenerations)`` of one :meth:`ZOEngine.step`."""
+    return 2 * num_directions + int(evaluate_clean), 3 * num_directions
+
+
 def scheduled(base: float, step: int, total: int, schedule: str, final_fraction: float = 0.0) -> float:
-    """``base`` scaled by a schedule over ``total`` steps, decaying to ``final_fraction × base``."""
+    """``base`` scaled by a schedule over ``total`` steps, decaying towards ``final_fraction × base``.
+
+    Step ``s`` of ``total`` sits at progress ``s / total``, so the last step still moves the
+    weights (a schedule that reached its floor on the last step would spend it for nothing when
+    the floor is 0); the floor itself is where a step ``total`` would be.
+    """
     if schedule == "constant" or total <= 1:
         return base
-    progress = min(max(step / (total - 1), 0.0), 1.0)
+    progress = min(max(step / total, 0.0), 1.0)
     if schedule == "linear":
         factor = 1.0 - progress
     elif schedule == "cosine":
@@ -142,7 +154,8 @@ class ZOEngine:
     ) -> None:
         if not params:
             raise ValueError("ZOEngine needs at least one parameter to refine")
-        self.settings = settings or ZOSettings()
+        # A copy: the caller's settings may configure several engines (and stay as given).
+        self.settings = dataclasses.replace(settings or ZOSettings())
         if eps is not None:
             self.settings.eps = float(eps)
         self.params = dict(params)

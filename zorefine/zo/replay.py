@@ -64,6 +64,14 @@ def apply_records(
     return applied
 
 
+def replay_device(header: Mapping) -> str:
+    """The device type the run used (CPU and CUDA generators draw different directions)."""
+    logged = str(header.get("environment", {}).get("device", "cpu"))
+    if logged.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError("this trajectory was refined on a CUDA device: replay it on one (CPU directions differ)")
+    return "cuda" if logged.startswith("cuda") else "cpu"
+
+
 def replay(base_dir: str | Path, log_path: str | Path, out_dir: str | Path) -> Path:
     """Load ``base_dir``, apply every logged step, save the refined model to ``out_dir``."""
     from zorefine.models.loading import load_causal_lm, save_checkpoint
@@ -72,7 +80,7 @@ def replay(base_dir: str | Path, log_path: str | Path, out_dir: str | Path) -> P
     if header is None:
         raise DataError(f"{log_path}: no trajectory header (is this a zorefine trajectory.jsonl?)")
     check_directions_version(header, log_path)
-    model, tokenizer = load_causal_lm(base_dir, device="cpu" if not torch.cuda.is_available() else "auto")
+    model, tokenizer = load_causal_lm(base_dir, dtype=header.get("dtype", "float32"), device=replay_device(header))
     engine = ZOEngine(select_parameters(model, header["parameters"]), settings=zo_settings(header["refine"]), entries=header_entries(header))
     applied = apply_records(engine, records, header.get("unit_parameters"))
     info = {"stage": "replay", "base": str(base_dir), "trajectory": str(log_path), "applied_steps": applied}

@@ -83,20 +83,25 @@ class TrajectoryWriter:
         self.path, self.enabled = path, enabled
         if not enabled:  # a process that is not the one keeping the log
             return
+        header_line = json.dumps({"type": "header", **header})
         if existing_steps == 0:
-            path.write_text(json.dumps({"type": "header", **header}) + "\n")
+            path.write_text(header_line + "\n")
         else:
-            self._truncate_to(existing_steps)
+            self._truncate_to(existing_steps, header_line)
         self._file = path.open("a")
 
-    def _truncate_to(self, num_steps: int) -> None:
-        # Drop a torn or extra tail so the file holds exactly the steps that were replayed.
-        kept, seen = [], 0
+    def _truncate_to(self, num_steps: int, header_line: str) -> None:
+        # Drop a torn or extra tail so the file holds exactly the steps that were replayed, under
+        # this run's header: a resumed run may differ in how it runs (its step count, the
+        # store), and the log must say what this run was asked for, not what the killed one was.
+        kept, seen = [header_line], 0
         for line in self.path.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 break
+            if row.get("type") == "header":
+                continue
             if row.get("type") == "step":
                 if seen == num_steps:
                     break
