@@ -185,19 +185,22 @@ class Steps:
         settings = ZOSettings(eps=EPS, direction=direction, store=store)
         return ZOEngine(selection(self.model, which), settings=settings)
 
-    def zo(self, engine: ZOEngine, first_layer: int | None = None, free: bool = False) -> Callable[[], object]:
-        """One refine step: capture the prefix (when ``first_layer`` > 0), then ±ε and the update."""
-        cache = PrefixCache(self.model, first_layer, keep_all=False) if first_layer else None
+    def zo(self, engine: ZOEngine, first_layer: int = 0, free: bool = False) -> Callable[[], object]:
+        """One refine step: capture the prefix (when ``first_layer`` > 0), then ±ε and the update.
+
+        ``free``: a loss that costs nothing, so the step times only the engine's own work.
+        """
+        cache = PrefixCache(self.model, first_layer, keep_all=False) if first_layer and not free else None
         ids = self.inputs["input_ids"]
 
-        def loss() -> float:
-            with cache.replay():
+        def objective() -> float:
+            if free:
+                return 0.0
+            with cache.replay() if cache is not None else contextlib.nullcontext():
                 return self.loss()
 
-        objective = (lambda: 0.0) if free else (loss if cache is not None else self.loss)
-
         def step() -> None:
-            if cache is not None and not free:
+            if cache is not None:
                 cache.capture_prefix([lambda: self.model(input_ids=ids)])
             engine.step(0, step_seed(0, next(self._count)), LR, objective)
 
