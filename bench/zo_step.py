@@ -202,7 +202,8 @@ class Steps:
         def step() -> None:
             if cache is not None:
                 cache.capture_prefix([lambda: self.model(input_ids=ids)])
-            engine.step(0, step_seed(0, next(self._count)), LR, objective)
+            # As refine runs it: each step's update is written by the next step's first move.
+            engine.step(0, step_seed(0, next(self._count)), LR, objective, settle=False)
 
         return step
 

@@ -274,3 +274,45 @@ def test_a_resumed_trajectory_carries_the_resumed_run_s_header(tmp_path):
     header, steps = read_trajectory(log)
     assert header["refine"]["steps"] == 10 and [s.step for s in steps] == list(range(6))
     assert sum('"type": "header"' in line for line in log.read_text().splitlines()) == 1
+
+
+def _paired_engines(arch: str, dtype: torch.dtype, layer: int = 0):
+    """Two identical models with an engine each: one settles every step, the other defers."""
+    models = [tiny_model(arch).to(dtype) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    params = [dict(find_decoder_layers(m).parameters(layer)) for m in models]
+    engines = [ZOEngine(p, settings=ZOSettings(eps=1e-2)) for p in params]
+    ids = torch.arange(12).unsqueeze(0)
+    losses = [lambda m=m: float(m(input_ids=ids).logits.float().pow(2).mean()) for m in models]
+    return models, engines, losses
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("gpt2", torch.float32), ("llama", torch.bfloat16)])
+def test_a_deferred_update_gives_the_same_losses_and_weights_bit_for_bit(arch, dtype):
+    models, (eager, deferred), (loss_eager, loss_deferred) = _paired_engines(arch, dtype)
+    names = list(eager.params)
+    for step in range(6):
+        # A subset, the clean evaluation (curvature schedule) and the whole selection, in turn.
+        subset = names[: len(names) // 2] if step % 3 == 1 else None
+        clean = step % 3 == 2
+        a = eager.step(step, 100 + step, 0.05, loss_eager, names=subset, evaluate_clean=clean)
+        b = deferred.step(step, 100 + step, 0.05, loss_deferred, names=subset, evaluate_clean=clean, settle=False)
+        assert (a.loss_plus, a.loss_minus, a.loss_clean) == (b.loss_plus, b.loss_minus, b.loss_clean), step
+        for name in names:
+            assert torch.equal(eager.weight(name), deferred.weight(name)), (step, name)
+    deferred.restore()
+    for (name, x), y in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_an_unsettled_step_leaves_the_update_pending_until_restore():
+    models, (eager, deferred), (loss_eager, loss_deferred) = _paired_engines("llama", torch.float32)
+    eager.step(0, 5, 0.1, loss_eager)
+    deferred.step(0, 5, 0.1, loss_deferred, settle=False)
+    name = next(iter(deferred.params))
+    # The weight still holds θ − εz; the engine's θ is already the updated one.
+    assert not torch.equal(deferred.params[name], eager.params[name])
+    assert torch.equal(deferred.weights()[name], eager.params[name])
+    assert not torch.equal(deferred.params[name], eager.params[name])  # looking θ up writes nothing
+    deferred.restore()
+    assert torch.equal(deferred.params[name], eager.params[name])

@@ -95,30 +95,37 @@ def refine_zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dic
         for record in records:
             _observe(tracker, record)
     # Whole copies only: a ZeRO-3 partition's RMS is not the tensor's (the loss check still runs).
-    guard = DivergenceGuard({} if partitioned else params, cfg.divergence_loss_factor, cfg.divergence_weight_factor)
+    # θ as the engine holds it: a step leaves its update for the next one to write.
+    guard = DivergenceGuard({} if partitioned else engine.weights(), cfg.divergence_loss_factor, cfg.divergence_weight_factor)
     guard.prime(records)
     diverged: Divergence | None = None
     sample = batch_sampler(run, pairs)
     resumed_steps, loop_started, sent_before = len(records), time.perf_counter(), run.processes.bytes_communicated
     progress = tqdm(range(len(records), steps), desc="refine", initial=len(records), total=steps, disable=not run.processes.is_main)
     # Every process takes the same steps; the log is written once.
-    with TrajectoryWriter(log_path, header, len(records), enabled=run.processes.is_main) as writer:
-        for step in progress:
-            loss_fn = step_objective(run, model, tokenizer, sample(step), step, cache)
-            lr = scheduled(cfg.lr, step, steps, cfg.lr_schedule)
-            eps = scheduled(cfg.zo.eps, step, steps, cfg.eps_schedule, final_fraction=0.1)
-            unit = tracker.choose(step_seed(cfg.seed + _UNIT_SEED_OFFSET, step)) if tracker is not None else None
-            names = unit_parameters[unit] if unit is not None else None
-            record = engine.step(step, step_seed(cfg.seed, step), lr, loss_fn, eps=eps, names=names, evaluate_clean=unit is not None)
-            record.unit = unit
-            if tracker is not None:
-                _observe(tracker, record)
-            writer.append(record)
-            records.append(record)
-            progress.set_postfix(loss=f"{record.loss:.4f}", g=f"{record.projected_grad:+.3f}")
-            diverged = diverged or guard.observe(record)
-            if diverged is not None and cfg.on_divergence == "stop":
-                break
+    try:
+        with TrajectoryWriter(log_path, header, len(records), enabled=run.processes.is_main) as writer:
+            for step in progress:
+                loss_fn = step_objective(run, model, tokenizer, sample(step), step, cache)
+                lr = scheduled(cfg.lr, step, steps, cfg.lr_schedule)
+                eps = scheduled(cfg.zo.eps, step, steps, cfg.eps_schedule, final_fraction=0.1)
+                unit = tracker.choose(step_seed(cfg.seed + _UNIT_SEED_OFFSET, step)) if tracker is not None else None
+                names = unit_parameters[unit] if unit is not None else None
+                record = engine.step(
+                    step, step_seed(cfg.seed, step), lr, loss_fn, eps=eps, names=names, evaluate_clean=unit is not None, settle=False
+                )
+                record.unit = unit
+                if tracker is not None:
+                    _observe(tracker, record)
+                writer.append(record)
+                records.append(record)
+                progress.set_postfix(loss=f"{record.loss:.4f}", g=f"{record.projected_grad:+.3f}")
+                diverged = diverged or guard.observe(record)
+                if diverged is not None and cfg.on_divergence == "stop":
+                    break
+    finally:
+        # The model leaves refine at θ (also when interrupted): the last update may be pending.
+        engine.restore()
     if diverged is not None:
         records = handle_divergence(run, diverged, params, header, records, log_path)
     losses = [r.loss for r in records if not r.skipped]

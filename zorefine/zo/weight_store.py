@@ -45,7 +45,15 @@ class _Offset:
 
 
 class MasterCopy:
-    """A weight whose exact value θ lives in an fp32 master copy."""
+    """A weight whose exact value θ lives in an fp32 master copy.
+
+    An update can be *deferred* (``update_along(..., defer=True)``): nothing is written until the
+    next move, which then applies it in the same pass over the weight as its own perturbation
+    (``θ ← θ + c·z_t``, then weight ← ``θ + α·z_{t+1}``, chunk by chunk while both are in cache).
+    That saves one read of θ and one write of the weight per step. θ is the same either way:
+    the update is the same ``add_`` on the same chunks in the same order. Until then the weight
+    still sits where the last move left it; :meth:`settle` (or :meth:`theta`) applies it.
+    """
 
     def __init__(self, param: torch.Tensor, direction_of: DirectionOf) -> None:
         self.param, self._direction_of = param, direction_of
@@ -53,41 +61,85 @@ class MasterCopy:
         self._master_flat = self.master.view(-1)
         # Chunks are written through a flat view; a non-contiguous weight gets whole-tensor writes.
         self._param_flat = param.data.view(-1) if param.is_contiguous() else None
+        self._in_place = self._param_flat is not None and self._param_flat.dtype == torch.float32
+        self._pending: _Offset | None = None  # a deferred update: θ ← θ + alpha·z(seed)
+        self._stale = False  # θ moved (a deferred update applied) but the weight was not written
+
+    @property
+    def pending(self) -> bool:
+        """Whether an update waits for the next move (the weight does not hold θ yet)."""
+        return self._pending is not None or self._stale
+
+    def _apply_pending(self) -> None:
+        """Apply a deferred update to θ only (the weight is written by the next move or settle)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            for start, end, z in self._direction_of(pending.seed).chunks():
+                self._master_flat[start:end].add_(z, alpha=pending.alpha)
+            self._stale = True
 
     def theta(self) -> torch.Tensor:
         """θ in fp32 (the master copy itself: do not modify)."""
+        self._apply_pending()
         return self.master
+
+    def _write_chunk(self, start: int, end: int, z: torch.Tensor, alpha: float) -> None:
+        if self._in_place:
+            torch.add(self._master_flat[start:end], z, alpha=alpha, out=self._param_flat[start:end])
+        else:
+            self._param_flat[start:end].copy_(self._master_flat[start:end].add(z, alpha=alpha))
 
     def shift(self, seed: int, alpha: float) -> None:
         """Set the weight to ``θ + alpha·z(seed)``, from whatever offset it had."""
-        direction = self._direction_of(seed)
+        self._stale = False  # every entry is written below
         if self._param_flat is None:
-            self.param.data.copy_(self.master.add(direction.full().view_as(self.master), alpha=alpha))
+            self._apply_pending()
+            self.param.data.copy_(self.master.add(self._direction_of(seed).full().view_as(self.master), alpha=alpha))
             return
-        in_place = self._param_flat.dtype == torch.float32
-        for start, end, z in direction.chunks():
-            if in_place:
-                torch.add(self._master_flat[start:end], z, alpha=alpha, out=self._param_flat[start:end])
-            else:
-                self._param_flat[start:end].copy_(self._master_flat[start:end].add(z, alpha=alpha))
+        if self._pending is None:
+            for start, end, z in self._direction_of(seed).chunks():
+                self._write_chunk(start, end, z, alpha)
+            return
+        pending, self._pending = self._pending, None
+        updates = self._direction_of(pending.seed).chunks()
+        for start, end, z in self._direction_of(seed).chunks():
+            _, _, z_update = next(updates)
+            self._master_flat[start:end].add_(z_update, alpha=pending.alpha)
+            self._write_chunk(start, end, z, alpha)
 
     def settle(self) -> None:
-        """Write θ back into the weight (exact)."""
+        """Write θ back into the weight (exact), applying a deferred update first."""
+        if self._pending is not None and self._param_flat is not None:
+            pending, self._pending = self._pending, None
+            self.update_along(pending.seed, pending.alpha)
+            return
+        self._apply_pending()
         self.param.data.copy_(self.master)
+        self._stale = False
 
-    def update_along(self, seed: int, coeff: float) -> None:
-        """``θ ← θ + coeff·z(seed)`` and write it: the restore fused into the update."""
+    def update_along(self, seed: int, coeff: float, defer: bool = False) -> None:
+        """``θ ← θ + coeff·z(seed)`` and write it: the restore fused into the update.
+
+        ``defer``: leave the weight as it is and apply the update in the next move's pass.
+        """
+        self._apply_pending()
+        if defer and self._param_flat is not None:
+            self._pending = _Offset(seed, coeff)
+            return
         for start, end, z in self._direction_of(seed).chunks():
             self._master_flat[start:end].add_(z, alpha=coeff)
             if self._param_flat is not None:
                 self._param_flat[start:end].copy_(self._master_flat[start:end])
         if self._param_flat is None:
             self.param.data.copy_(self.master)
+        self._stale = False
 
     def update_by(self, direction: torch.Tensor, coeff: float) -> None:
         """``θ ← θ + coeff·direction`` and write it."""
+        self._apply_pending()
         self.master.add_(direction, alpha=coeff)
         self.param.data.copy_(self.master)
+        self._stale = False
 
 
 class CompensatedShift:
@@ -197,8 +249,11 @@ class CompensatedShift:
         """θ changed: the saved residues and exceptions no longer describe it."""
         self._low, self._exact_for = None, None
 
-    def update_along(self, seed: int, coeff: float) -> None:
-        """``θ ← θ + coeff·z(seed)``; when the weight sits at ``θ + α·z(seed)``, one draw."""
+    def update_along(self, seed: int, coeff: float, defer: bool = False) -> None:
+        """``θ ← θ + coeff·z(seed)``; when the weight sits at ``θ + α·z(seed)``, one draw.
+
+        ``defer`` is accepted for the common interface; this store always updates at once.
+        """
         for index, start, end, z, z_old in self._chunks_with_offset(seed):
             if z_old is not None:
                 self._undo_chunk(index, start, end, z_old)
@@ -243,8 +298,8 @@ class EntryStore:
         """Write θ back (exact)."""
         self._write(self.master)
 
-    def update_along(self, seed: int, coeff: float) -> None:
-        """``θ ← θ + coeff·z(seed)`` and write it."""
+    def update_along(self, seed: int, coeff: float, defer: bool = False) -> None:
+        """``θ ← θ + coeff·z(seed)`` and write it (``defer`` is ignored: writes are per entry)."""
         self.master.add_(self._direction_of(seed).full().view(-1), alpha=coeff)
         self._write(self.master)
 
