@@ -24,6 +24,9 @@ decoder layers, where the prefix cache has nothing to skip):
   +ε, −2ε, +ε restore, update; out-of-place adds; no prefix cache);
 - ``gaussian/step_over_forward``, ``rademacher/step_over_forward`` (the default engine),
   ``rademacher_compensated/step_over_forward`` (``store="compensated"``): zorefine's steps;
+- ``rademacher_inplace/step_over_forward`` (``store="inplace"``: no copy of θ at all);
+- ``defer_gain``: the default step writing each update at once (``settle=True``) ÷ the default
+  step, which leaves it to the next step's first move as ``refine`` does;
 - ``*_cached/step_over_forward``: the same with the prefix cache, capture included (``top_half``);
 - ``speedup_vs_mezo`` = mezo ÷ gaussian; ``rademacher_gain`` = gaussian ÷ rademacher;
   ``cache_gain`` = rademacher ÷ rademacher_cached;
@@ -185,10 +188,11 @@ class Steps:
         settings = ZOSettings(eps=EPS, direction=direction, store=store)
         return ZOEngine(selection(self.model, which), settings=settings)
 
-    def zo(self, engine: ZOEngine, first_layer: int = 0, free: bool = False) -> Callable[[], object]:
+    def zo(self, engine: ZOEngine, first_layer: int = 0, free: bool = False, settle: bool = False) -> Callable[[], object]:
         """One refine step: capture the prefix (when ``first_layer`` > 0), then ±ε and the update.
 
         ``free``: a loss that costs nothing, so the step times only the engine's own work.
+        ``settle``: write each update at once instead of in the next step's first move.
         """
         cache = PrefixCache(self.model, first_layer, keep_all=False) if first_layer and not free else None
         ids = self.inputs["input_ids"]
@@ -203,7 +207,7 @@ class Steps:
             if cache is not None:
                 cache.capture_prefix([lambda: self.model(input_ids=ids)])
             # As refine runs it: each step's update is written by the next step's first move.
-            engine.step(0, step_seed(0, next(self._count)), LR, objective, settle=False)
+            engine.step(0, step_seed(0, next(self._count)), LR, objective, settle=settle)
 
         return step
 
@@ -222,13 +226,15 @@ def measure(model_name: str, batch: int, seq: int, repeats: int, device: str | N
         first = first_refined_layer(model, which)
         rows = {"mezo": ratio(steps.mezo(which))}
         for tag, direction, store in (("gaussian", "gaussian", "copy"), ("rademacher", "rademacher", "copy"),
-                                      ("rademacher_compensated", "rademacher", "compensated")):
+                                      ("rademacher_compensated", "rademacher", "compensated"),
+                                      ("rademacher_inplace", "rademacher", "inplace")):
             engine = steps.engine(which, direction, store)
             rows[tag] = ratio(steps.zo(engine))
             if first:
                 rows[f"{tag}_cached"] = ratio(steps.zo(engine, first))
             if tag == "rademacher":
                 results[f"{which}/rademacher/engine_share"] = ratio(steps.zo(engine, free=True)) / rows[tag]
+                results[f"{which}/defer_gain"] = ratio(steps.zo(engine, settle=True)) / rows[tag]
                 if which == "full":
                     results["full/rademacher/step_over_grad_forward"] = clock.ratio(steps.zo(engine), steps.loss, repeats)
             engine.restore()
@@ -299,7 +305,8 @@ def _peak_rss_child(model_name: str, batch: int, seq: int, mode: str) -> int:
 
 
 MEMORY_MODES = {"full": "full", "top_half": "top_half", "default": "default",
-                "full_compensated": "full:compensated", "top_half_compensated": "top_half:compensated"}
+                "full_compensated": "full:compensated", "top_half_compensated": "top_half:compensated",
+                "full_inplace": "full:inplace", "top_half_inplace": "top_half:inplace"}
 
 
 def _cuda_peak(model_name: str, batch: int, seq: int, mode: str) -> int:

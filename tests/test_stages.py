@@ -202,6 +202,9 @@ def test_full_pipeline_evaluates_before_and_after(micro_checkpoint, tmp_path):
         {"refine.zo.optimizer": "sign", "refine.objective_threat": "rtn:int4", "refine.eps_schedule": "linear"},
         {"refine.objective_threat": "wnoise:0.05", "refine.zo.direction": "rademacher"},
         {"refine.objective_threat": "w4a4:g16:p99"},
+        {"refine.zo.store": "inplace", "refine.zo.num_directions": 2},
+        {"refine.zo.store": "inplace", "refine.unit_schedule": "curvature", "refine.layers": "[0,1,2]"},
+        {"refine.zo.store": "compensated"},
     ],
 )
 def test_refine_variants_replay_exactly(micro_checkpoint, tmp_path, overrides):

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from zorefine.config.checks import require, require_json_file
 from zorefine.errors import ConfigError
 from zorefine.threats import parse_threat
-from zorefine.zo.engine import SCHEDULES, ZOSettings
+from zorefine.zo.engine import ZOSettings
+from zorefine.zo.schedule import SCHEDULES
 
 REFINE_METHODS = ("zo", "zo_full", "zo_random", "sft", "sam", "rwp", "fo_threat")
 UNIT_SCHEDULES = ("joint", "curvature")

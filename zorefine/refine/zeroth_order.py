@@ -25,7 +25,8 @@ from zorefine.refine.resume import resume_records
 from zorefine.refine.selection import selection_for_method
 from zorefine.refine.targets import TrainingPairs
 from zorefine.run import SENSITIVITY_FILE, TRAJECTORY_FILE, Run
-from zorefine.zo.engine import ZOEngine, scheduled, step_seed
+from zorefine.zo.engine import ZOEngine, step_seed
+from zorefine.zo.schedule import scheduled
 from zorefine.zo.prefix_cache import PrefixCache
 from zorefine.zo.trajectory import TrajectoryWriter, environment
 

@@ -29,13 +29,14 @@ import torch
 from zorefine import distributed
 from zorefine.distributed.partitions import LocalEntries, is_partitioned, local_entries, whole_rms
 from zorefine.zo.directions import DIRECTIONS, Direction, tensor_seed
-from zorefine.zo.weight_store import STORES, EntryStore, MasterCopy, make_store
+from zorefine.zo.entry_store import EntryStore
+
+from zorefine.zo.weight_store import STORES, InPlaceShift, MasterCopy, make_store
 
 _STEP_SEED_SPACE = 2**31 - 1
 OPTIMIZERS = ("sgd", "momentum", "adam", "sign")
 # Optimizers whose step size does not depend on the gradient's scale.
 NORMALIZED_OPTIMIZERS = ("adam", "sign")
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 def step_seed(run_seed: int, step: int) -> int:
@@ -51,25 +52,6 @@ def direction_seed(seed: int, index: int) -> int:
 def step_cost(num_directions: int, evaluate_clean: bool = False) -> tuple[int, int]:
     """``(forward passes, direction regenerations)`` of one :meth:`ZOEngine.step`."""
     return 2 * num_directions + int(evaluate_clean), 3 * num_directions
-
-
-def scheduled(base: float, step: int, total: int, schedule: str, final_fraction: float = 0.0) -> float:
-    """``base`` scaled by a schedule over ``total`` steps, decaying towards ``final_fraction × base``.
-
-    Step ``s`` of ``total`` sits at progress ``s / total``, so the last step still moves the
-    weights (a schedule that reached its floor on the last step would spend it for nothing when
-    the floor is 0); the floor itself is where a step ``total`` would be.
-    """
-    if schedule == "constant" or total <= 1:
-        return base
-    progress = min(max(step / total, 0.0), 1.0)
-    if schedule == "linear":
-        factor = 1.0 - progress
-    elif schedule == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
-    return base * (final_fraction + (1.0 - final_fraction) * factor)
 
 
 @dataclass
@@ -93,7 +75,9 @@ class ZOSettings:
     adam_eps: float = 1e-8
     # "copy": an fp32 master copy of the selected weights (fastest, 4 bytes per weight);
     # "compensated": fp32 weights are moved in place and restored exactly from ~half a byte per
-    # weight (for models where memory is the limit). Half-precision weights always keep a copy.
+    # weight (for models where memory is the limit); "inplace": fp32 weights are moved in place
+    # and nothing is kept (no extra memory, as fast as "copy"; θ picks up a few ulp of rounding
+    # per step, which replay reproduces bit for bit). Half-precision weights always keep a copy.
     store: str = "copy"
 
     def __post_init__(self) -> None:
@@ -189,6 +173,11 @@ class ZOEngine:
         if name in self.entries:
             return EntryStore(self.params[name], self.entries[name], self._direction_of(name))
         return make_store(self.settings.store, self.local[name].tensor, self._direction_of(name))
+
+    @property
+    def moves_define_theta(self) -> bool:
+        """Whether θ depends on the ± moves too (``store="inplace"``): replay must make them."""
+        return any(isinstance(store, InPlaceShift) for store in self.stores.values())
 
     @property
     def num_parameters(self) -> int:
@@ -312,6 +301,24 @@ class ZOEngine:
                     # lr moves each weight by lr x its tensor's RMS, as it does for SGD.
                     update = update.mul_(scale)
                 store.update_by(update, -lr)
+
+    @torch.no_grad()
+    def replay(self, record: ZOStepRecord, names: Sequence[str] | None = None) -> bool:
+        """Redo a logged step on θ (no forward passes); returns whether it changed θ.
+
+        With exact stores that is the update alone. With ``store="inplace"`` the step's moves
+        round θ too, so they are made again first, in the order :meth:`step` made them.
+        """
+        if self.moves_define_theta:
+            eps = self.settings.eps if record.eps is None else record.eps
+            self._settle_pending(() if record.loss_clean is not None else self._active(names))
+            self.estimate(record.seed, eps, lambda: 0.0, names)
+            if record.skipped:
+                self.restore()
+        if record.skipped:
+            return False
+        self.apply_update(record.seed, record.grads(), record.lr, names)
+        return True
 
     def _optimizer_step(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """The update direction for one tensor (its state lives only for selected tensors)."""

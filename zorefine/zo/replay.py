@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 
 from zorefine.errors import DataError, ZorefineError
-from zorefine.zo.trajectory import check_directions_version, iter_steps, read_trajectory
+from zorefine.zo.trajectory import check_directions_version, read_trajectory
 from zorefine.config.refine import zo_settings
 from zorefine.models.selection import Selection
 from zorefine.zo.engine import ZOEngine, ZOStepRecord
@@ -53,14 +53,14 @@ def apply_records(
     from the log header).
     """
     applied = 0
-    for record in iter_steps(list(records)):
+    # Skipped steps too: under store=inplace their moves rounded θ (the engine knows).
+    for record in records:
         names = None
         if record.unit is not None:
             if not unit_parameters or record.unit not in unit_parameters:
                 raise DataError(f"step {record.step} names unit {record.unit!r}, which the log header does not define")
             names = unit_parameters[record.unit]
-        engine.apply_update(record.seed, record.grads(), record.lr, names)
-        applied += 1
+        applied += engine.replay(record, names)
     return applied
 
 

@@ -12,7 +12,7 @@ import json
 import platform
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import transformers
@@ -125,7 +125,3 @@ class TrajectoryWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def iter_steps(records: list[ZOStepRecord]) -> Iterator[ZOStepRecord]:
-    """Steps that changed the weights (skipped steps left them untouched)."""
-    return (r for r in records if not r.skipped)

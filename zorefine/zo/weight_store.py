@@ -5,6 +5,10 @@ Two stores, one interface:
 - :class:`MasterCopy` keeps an fp32 copy of θ. Every move is one fused ``θ + α·z`` written
   straight into the weight, and restoring is a copy. Fastest; costs 4 bytes per weight, and is
   the only choice for bf16/fp16 weights, whose own precision would lose small updates.
+- :class:`InPlaceShift` (fp32 weights only) keeps nothing: a move adds ``α·z`` to the weight
+  and undoing it adds ``−α·z``, so θ drifts by rounding (a few units in the last place per
+  step, as likely up as down). No restore is bit-exact, but the arithmetic is deterministic:
+  replay runs the same moves (without the forward passes) and lands on the same bits.
 - :class:`CompensatedShift` (fp32 weights only) moves the weight in place and keeps just what
   rounding destroys: the low 4 bits of each θ's bit pattern, plus the exact value of the
   entries where ``|α·z|`` exceeds ``2|θ|``. Undoing a move by subtraction lands within 5
@@ -27,7 +31,7 @@ import torch
 from zorefine.zo.directions import Direction, scratch_buffer
 
 DirectionOf = Callable[[int], Direction]
-STORES = ("copy", "compensated")
+STORES = ("copy", "compensated", "inplace")
 
 # Why 4 bits suffice: for |δ| ≤ 2|θ|, s = fl(θ + δ) has |s| ≤ 3|θ|, at most 2 binades above θ,
 # so |fl(s − δ) − θ| ≤ ulp(s)/2 + ulp(t)/2 ≤ 2.5 ulp(θ): at most 2 bit-pattern steps within
@@ -268,51 +272,92 @@ class CompensatedShift:
         self._forget()
 
 
-class EntryStore:
-    """Some entries of a weight (a unit set: neurons, channels, single weights), θ in an fp32 copy of those only.
+class InPlaceShift:
+    """An fp32 weight that is its own θ: moves are in-place adds, nothing else is kept.
 
-    ``index`` holds flat positions into the weight; the direction has one value per position, so
-    every move costs the selected entries, not the tensor. Writes scatter into the weight.
+    The lean store: zero bytes per weight, and each move is one read-modify-write of the weight
+    (the master copy's moves read θ and write the weight: the same traffic). The price is
+    exactness: undoing ``+α·z`` by adding ``−α·z`` rounds, so after a step θ is θ moved by the
+    update *plus rounding* of a few ulp. That θ is still a pure function of the moves, so a
+    replay that makes the same moves (:meth:`zorefine.zo.engine.ZOEngine.replay`) rebuilds it bit
+    for bit. A deferred update is merged into the next move: the same adds, in the same order,
+    as when it is applied at once.
     """
 
-    def __init__(self, param: torch.Tensor, index: torch.Tensor, direction_of: DirectionOf) -> None:
-        if not param.is_contiguous():
-            raise ValueError("EntryStore needs a contiguous weight")
+    def __init__(self, param: torch.Tensor, direction_of: DirectionOf) -> None:
+        if param.dtype != torch.float32 or not param.is_contiguous():
+            raise ValueError("InPlaceShift needs a contiguous float32 tensor")
         self.param, self._direction_of = param, direction_of
-        self.index = index.to(device=param.device, dtype=torch.long)
         self._flat = param.data.view(-1)
-        self.master = self._flat[self.index].to(torch.float32)
+        self._offset: _Offset | None = None  # the weight sits at θ + alpha·z(seed)
+        self._pending: _Offset | None = None  # a deferred update of θ
+
+    @property
+    def pending(self) -> bool:
+        """Whether the weight is away from θ with an update waiting (a step left unsettled)."""
+        return self._pending is not None
+
+    def _to_theta(self) -> list[_Offset]:
+        """The adds that take the weight to θ with any pending update applied (same seeds merged)."""
+        terms = [_Offset(self._offset.seed, -self._offset.alpha)] if self._offset is not None else []
+        if self._pending is not None:
+            if terms and terms[0].seed == self._pending.seed:
+                terms[0] = _Offset(self._pending.seed, terms[0].alpha + self._pending.alpha)
+            else:
+                terms.append(self._pending)
+        return terms
+
+    def _add(self, terms: list[_Offset]) -> None:
+        """Add every ``alpha·z(seed)`` of ``terms`` to the weight, in order, chunk by chunk."""
+        if not terms:
+            return
+        streams = [self._direction_of(term.seed).chunks() for term in terms]
+        for chunks in zip(*streams):
+            for term, (start, end, z) in zip(terms, chunks):
+                self._flat[start:end].add_(z, alpha=term.alpha)
 
     def theta(self) -> torch.Tensor:
-        """θ of the selected entries (1-D fp32, in ``index`` order: do not modify)."""
-        return self.master
-
-    def _write(self, values: torch.Tensor) -> None:
-        self._flat.index_copy_(0, self.index, values.to(self._flat.dtype))
+        """θ in fp32: settles the weight first and returns it."""
+        self.settle()
+        return self.param.data
 
     def shift(self, seed: int, alpha: float) -> None:
-        """Set the selected entries to ``θ + alpha·z(seed)``."""
-        self._write(self.master.add(self._direction_of(seed).full().view(-1), alpha=alpha))
+        """Move the weight to ``θ + alpha·z(seed)`` (θ as the moves so far define it)."""
+        terms = self._to_theta()
+        if self._pending is None and terms and terms[-1].seed == seed:
+            # From +α to −α along one direction: a single add (and a single draw).
+            terms[-1] = _Offset(seed, terms[-1].alpha + alpha)
+        else:
+            terms.append(_Offset(seed, alpha))
+        self._add(terms)
+        self._offset, self._pending = _Offset(seed, alpha), None
 
     def settle(self) -> None:
-        """Write θ back (exact)."""
-        self._write(self.master)
+        """Bring the weight to θ (with any pending update applied)."""
+        self._add(self._to_theta())
+        self._offset, self._pending = None, None
 
     def update_along(self, seed: int, coeff: float, defer: bool = False) -> None:
-        """``θ ← θ + coeff·z(seed)`` and write it (``defer`` is ignored: writes are per entry)."""
-        self.master.add_(self._direction_of(seed).full().view(-1), alpha=coeff)
-        self._write(self.master)
+        """``θ ← θ + coeff·z(seed)``, merged with undoing the current move; ``defer``: at the next move."""
+        if self._pending is not None:
+            self.settle()
+        self._pending = _Offset(seed, coeff)
+        if not defer:
+            self.settle()
 
     def update_by(self, direction: torch.Tensor, coeff: float) -> None:
-        """``θ ← θ + coeff·direction`` and write it."""
-        self.master.add_(direction.view(-1), alpha=coeff)
-        self._write(self.master)
+        """``θ ← θ + coeff·direction``."""
+        self.settle()
+        self._flat.add_(direction.view(-1), alpha=coeff)
 
 
-def make_store(kind: str, param: torch.Tensor, direction_of: DirectionOf) -> MasterCopy | CompensatedShift:
+def make_store(kind: str, param: torch.Tensor, direction_of: DirectionOf) -> MasterCopy | CompensatedShift | InPlaceShift:
     """The store of ``kind`` for ``param``; half-precision weights always get a master copy."""
     if kind not in STORES:
         raise ValueError(f"store must be one of {STORES}, got {kind!r}")
-    if kind == "compensated" and param.dtype == torch.float32 and param.is_contiguous():
-        return CompensatedShift(param, direction_of)
+    if param.dtype == torch.float32 and param.is_contiguous():
+        if kind == "compensated":
+            return CompensatedShift(param, direction_of)
+        if kind == "inplace":
+            return InPlaceShift(param, direction_of)
     return MasterCopy(param, direction_of)
