@@ -419,7 +419,7 @@ def test_tuning_never_reads_the_test_over_refusal_prompts(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("path", [Path(__file__).parents[1] / "zorefine" / "data" / "builtin" / "contrast_safe.jsonl",
-                                  Path(__file__).parents[1] / "experiments" / "real_model" / "contrast_extended.jsonl"])
+                                  Path(__file__).parents[1] / "zorefine" / "data" / "builtin" / "contrast_extended.jsonl"])
 def test_no_contrast_prompt_is_a_near_copy_of_an_evaluated_prompt(path):
     # Contrast prompts are trained on: one close to an XSTest or harmful prompt would leak into
     # the over-refusal and refusal measurements.

@@ -396,3 +396,20 @@ def test_align_reads_a_user_s_contrast_file_and_keys_its_cache_by_its_content(mi
     assert align_stage.cache_key(Run(cfg, tmp_path / "c")) != key
     with pytest.raises(ConfigError, match="align.contrast_file"):
         validate(make_cfg(micro_checkpoint, **{**options, "align.contrast_file": str(tmp_path / "missing.jsonl")}))
+
+
+def test_a_shipped_contrast_set_is_named_and_keys_the_cache_like_its_file(micro_checkpoint, tmp_path):
+    import zorefine.align.stage as align_stage
+    from zorefine.config import validate
+    from zorefine.data import builtin_path
+    from zorefine.errors import ConfigError
+
+    named = make_cfg(micro_checkpoint, stages="[align]", **{"align.contrast": True, "align.contrast_file": "contrast_extended"})
+    validate(named)
+    assert align_stage.contrast_file(Run(named, tmp_path / "a")) == builtin_path("contrast_extended")
+    by_path = make_cfg(micro_checkpoint, stages="[align]", **{"align.contrast": True, "align.contrast_file": str(builtin_path("contrast_extended"))})
+    assert align_stage.cache_key(Run(named, tmp_path / "a")) == align_stage.cache_key(Run(by_path, tmp_path / "b"))
+    assert align_stage.cache_key(Run(named, tmp_path / "a")) != align_stage.cache_key(
+        Run(make_cfg(micro_checkpoint, stages="[align]", **{"align.contrast": True}), tmp_path / "c"))
+    with pytest.raises(ConfigError, match="shipped set: contrast_safe, contrast_extended"):
+        validate(make_cfg(micro_checkpoint, **{"align.contrast": True, "align.contrast_file": "contrast_nope"}))

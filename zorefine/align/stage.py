@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from zorefine.data import builtin_path
-from zorefine.data.contrast import load_contrast_prompts
+from zorefine.data.contrast import contrast_path, load_contrast_prompts
 from zorefine.models.generation import generate_with_ends
 from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, file_digest
 from zorefine.distributed.partitions import gathered
@@ -93,9 +92,8 @@ def unit_set(path: str, label: str) -> dict[str, torch.Tensor]:
 
 
 def contrast_file(run: Run) -> Path:
-    """The contrast prompts' file: ``align.contrast_file``, else the shipped one."""
-    configured = run.cfg.align.contrast_file
-    return Path(configured).expanduser() if configured else builtin_path("contrast_safe")
+    """The contrast prompts' file: ``align.contrast_file`` (a path or a shipped set's name), else the shipped one."""
+    return contrast_path(run.cfg.align.contrast_file)
 
 
 def contrast_pairs(model, tokenizer, max_new_tokens: int, path: Path | None = None) -> list[tuple[str, str, bool]]:

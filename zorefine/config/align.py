@@ -32,8 +32,8 @@ class AlignConfig:
     # How many times each contrast example is trained per epoch: the 73 prompts are few next to
     # hundreds of harmful ones, and their weight is what moves the refusal boundary.
     contrast_repeats: int = 1
-    # A JSONL file of your own contrast prompts ({"prompt": ...} per line) instead of the shipped
-    # one; null = the shipped file.
+    # A JSONL file of your own contrast prompts ({"prompt": ...} per line), or a shipped set's
+    # name: "contrast_safe" (73 prompts, the default) or "contrast_extended" (148); null = the default.
     contrast_file: Optional[str] = None
     # Train only one unit set (e.g. SSAH's redundant units, "ru") of a units.safetensors written by
     # analyze with a unit method; everything else stays fixed. null = train every weight.
@@ -53,9 +53,12 @@ def check_align(cfg: DictConfig) -> None:
     require(cfg.contrast_tokens >= 1, "align.contrast_tokens must be >= 1")
     require(cfg.contrast_repeats >= 1, "align.contrast_repeats must be >= 1")
     if cfg.contrast_file is not None:
-        from pathlib import Path
+        from zorefine.data.contrast import SHIPPED_CONTRAST, contrast_path
 
-        require(Path(cfg.contrast_file).expanduser().is_file(), f"align.contrast_file: no such file: {cfg.contrast_file}")
+        require(
+            contrast_path(cfg.contrast_file).is_file(),
+            f"align.contrast_file: no such file: {cfg.contrast_file} (a path, or a shipped set: {', '.join(SHIPPED_CONTRAST)})",
+        )
     require_json_file("align.deepspeed", cfg.deepspeed)
     if cfg.units_file is not None:
         from pathlib import Path

@@ -17,7 +17,19 @@ from pathlib import Path
 from zorefine.data.records import builtin_path, read_json_objects
 from zorefine.errors import DataError
 
-__all__ = ["load_contrast_prompts"]
+__all__ = ["SHIPPED_CONTRAST", "contrast_path", "load_contrast_prompts"]
+
+# Shipped contrast sets, by name: the 73 prompts, and those plus 75 more written by category.
+SHIPPED_CONTRAST = ("contrast_safe", "contrast_extended")
+
+
+def contrast_path(configured: str | None) -> Path:
+    """The file ``align.contrast_file`` names: a shipped set's name, a path, or None (the default set)."""
+    if not configured:
+        return builtin_path("contrast_safe")
+    if configured in SHIPPED_CONTRAST:
+        return builtin_path(configured)
+    return Path(configured).expanduser()
 
 
 def load_contrast_prompts(path: Path | None = None) -> list[str]:
