@@ -96,7 +96,9 @@ def refine_zeroth_order(run: Run, model, tokenizer, pairs: TrainingPairs) -> dic
         for record in records:
             _observe(tracker, record)
     # Whole copies only: a ZeRO-3 partition's RMS is not the tensor's (the loss check still runs).
-    # θ as the engine holds it: a step leaves its update for the next one to write.
+    # θ as the engine holds it: a step leaves its update for the next one to write. Reading it
+    # applies that update to θ early (one pass), so refine keeps only the saved weight write of
+    # the deferred update, not the saved read of θ (bench/zo_step.py's defer_gain has no guard).
     guard = DivergenceGuard({} if partitioned else engine.weights(), cfg.divergence_loss_factor, cfg.divergence_weight_factor)
     guard.prime(records)
     diverged: Divergence | None = None

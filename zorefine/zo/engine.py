@@ -30,8 +30,7 @@ from zorefine import distributed
 from zorefine.distributed.partitions import LocalEntries, is_partitioned, local_entries, whole_rms
 from zorefine.zo.directions import DIRECTIONS, Direction, tensor_seed
 from zorefine.zo.entry_store import EntryStore
-
-from zorefine.zo.weight_store import STORES, InPlaceShift, MasterCopy, make_store
+from zorefine.zo.weight_store import STORES, MasterCopy, make_store
 
 _STEP_SEED_SPACE = 2**31 - 1
 OPTIMIZERS = ("sgd", "momentum", "adam", "sign")
@@ -177,7 +176,7 @@ class ZOEngine:
     @property
     def moves_define_theta(self) -> bool:
         """Whether θ depends on the ± moves too (``store="inplace"``): replay must make them."""
-        return any(isinstance(store, InPlaceShift) for store in self.stores.values())
+        return any(store.replays_moves for store in self.stores.values())
 
     @property
     def num_parameters(self) -> int:
@@ -239,7 +238,7 @@ class ZOEngine:
         """Write θ into every weight with a pending update, except ``keep`` (their next move applies it)."""
         kept = set(keep)
         for name, store in self.stores.items():
-            if name not in kept and getattr(store, "pending", False):
+            if name not in kept and store.pending:
                 store.settle()
 
     @torch.no_grad()

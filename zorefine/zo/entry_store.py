@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from zorefine.zo.directions import Direction
-
-DirectionOf = Callable[[int], Direction]
+from zorefine.zo.weight_store import DirectionOf
 
 
 class EntryStore:
@@ -17,6 +13,10 @@ class EntryStore:
     ``index`` holds flat positions into the weight; the direction has one value per position, so
     every move costs the selected entries, not the tensor. Writes scatter into the weight.
     """
+
+    # Writes are per entry and always at once; θ does not depend on the moves.
+    pending = False
+    replays_moves = False
 
     def __init__(self, param: torch.Tensor, index: torch.Tensor, direction_of: DirectionOf) -> None:
         if not param.is_contiguous():

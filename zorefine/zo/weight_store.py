@@ -59,6 +59,8 @@ class MasterCopy:
     still sits where the last move left it; :meth:`settle` (or :meth:`theta`) applies it.
     """
 
+    replays_moves = False  # θ is the master copy: the moves never touch it
+
     def __init__(self, param: torch.Tensor, direction_of: DirectionOf) -> None:
         self.param, self._direction_of = param, direction_of
         self.master = param.detach().to(torch.float32).clone().contiguous()
@@ -148,6 +150,10 @@ class MasterCopy:
 
 class CompensatedShift:
     """An fp32 weight moved in place and restored bit for bit from about half a byte per entry."""
+
+    # Updates are applied at once (``defer`` is ignored), and undoing a move is exact.
+    pending = False
+    replays_moves = False
 
     def __init__(self, param: torch.Tensor, direction_of: DirectionOf) -> None:
         if param.dtype != torch.float32 or not param.is_contiguous():
@@ -283,6 +289,8 @@ class InPlaceShift:
     for bit. A deferred update is merged into the next move: the same adds, in the same order,
     as when it is applied at once.
     """
+
+    replays_moves = True  # undoing a move rounds: replay must make the moves again
 
     def __init__(self, param: torch.Tensor, direction_of: DirectionOf) -> None:
         if param.dtype != torch.float32 or not param.is_contiguous():
