@@ -356,17 +356,20 @@ def test_the_study_stops_when_a_later_session_runs_other_engine_code(study, tmp_
         study.Study(tmp_path / "machine1", tmp_path / "aligned", target=study.TARGETS["builtin"], kept=kept, code_root=code).prepare()
 
 
-def test_study_jobs_import_the_study_s_own_checkout(study, tmp_path, monkeypatch) -> None:
-    seen = []
+def test_study_jobs_import_the_study_s_own_checkout_and_its_configs(study, tmp_path, monkeypatch) -> None:
+    seen, configs = [], []
 
     def run(command, stdout=None, stderr=None, env=None):
         seen.append(env["PYTHONPATH"].split(os.pathsep)[0])
+        configs.append(next(token for token in command if token.startswith("--config-path=")))
         return _FakeZorefine(study)(command)
 
     monkeypatch.setattr(study.subprocess, "run", run)
     code = _code_tree(tmp_path / "checkout", "")
     study.Study(tmp_path / "out", _aligned(tmp_path), target=study.TARGETS["builtin"], code_root=code).prepare()
     assert seen and set(seen) == {str(code)}
+    # An installed zorefine's configs would otherwise win over the checkout's.
+    assert set(configs) == {f"--config-path={code / 'conf'}"}
 
 
 def test_every_random_reference_threat_runs_as_draws_of_the_split_s_stream(study, tmp_path) -> None:

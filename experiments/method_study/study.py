@@ -233,7 +233,10 @@ class Study:
         """
         if (directory / done).is_file() if local else self.finished(directory, done):
             return
-        command = ["zorefine", *self.preset(), *(f"{k}={v}" for k, v in overrides.items()), f"hydra.run.dir={directory}"]
+        # The configs come from the same checkout as the code: Hydra's pkg://zorefine.conf would
+        # resolve through whichever zorefine is installed, not through PYTHONPATH.
+        command = ["zorefine", f"--config-path={self.code_root / 'conf'}", *self.preset(),
+                   *(f"{k}={v}" for k, v in overrides.items()), f"hydra.run.dir={directory}"]
         print(" ".join(command), flush=True)
         if self.dry_run:
             return
