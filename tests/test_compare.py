@@ -12,7 +12,8 @@ from zorefine.evaluate.compare import compare, main as compare_main
 from zorefine.evaluate.document import Bullets, Document, Image, Table
 from zorefine.errors import DataError
 from zorefine.pipeline import run_pipeline
-from zorefine.evaluate.robustness import ConditionResult, curve_area_interval, robust_sigma
+from zorefine.evaluate.curves import curve_area_interval, robust_sigma
+from zorefine.evaluate.robustness import ConditionResult
 
 
 def _cell(mean: float) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,6 +313,13 @@ def test_evaluation_cache_evaluates_a_checkpoint_once(micro_checkpoint, tmp_path
     second = evaluate.evaluate_checkpoint(second_run, micro_checkpoint, sets, sets, "model")
     assert "cached_from" not in first and second["cached_from"].startswith(str(cache))
     assert second["summary"] == json.loads(json.dumps(first["summary"]))
+    # An entry written with older intervals is re-summarized from its kept conditions on reading.
+    entry = Path(second["cached_from"])
+    stale = json.loads(entry.read_text())
+    stale["summary"]["clean"]["harmful_refusal_rate"].update(low=-3.0, high=4.0)
+    entry.write_text(json.dumps(stale))
+    third = evaluate.evaluate_checkpoint(Run(cfg, tmp_path / "b2"), micro_checkpoint, sets, sets, "model")
+    assert third["summary"] == json.loads(json.dumps(first["summary"]))
     # Another evaluation setting is another entry.
     other = Run(make_cfg(micro_checkpoint, **{"evaluate.cache_dir": str(cache), "evaluate.max_new_tokens": 5}), tmp_path / "c")
     assert "cached_from" not in evaluate.evaluate_checkpoint(other, micro_checkpoint, sets, sets, "model")
@@ -319,7 +327,8 @@ def test_evaluation_cache_evaluates_a_checkpoint_once(micro_checkpoint, tmp_path
 
 
 def test_breaking_level_is_interpolated_per_seed():
-    from zorefine.evaluate.robustness import ConditionResult, break_level_interval
+    from zorefine.evaluate.curves import break_level_interval
+    from zorefine.evaluate.robustness import ConditionResult
 
     def row(family, sigma, seed, refusal):
         return ConditionResult("x", family, sigma, seed, refusal, 1 - refusal, 0, 0, 1, 0, None, 0.0, 0.0)
@@ -332,6 +341,46 @@ def test_breaking_level_is_interpolated_per_seed():
     assert level["n"] == 2 and level["never"] == 1 and level["max_sigma"] == 0.2
     assert level["mean"] == pytest.approx((0.15 + 0.1 / 0.6 * 0.5) / 2)
     assert level["low"] < level["mean"] < level["high"]
+
+
+def _with_outcomes(family, sigma, seed, refused):
+    from zorefine.evaluate.robustness import ConditionResult
+
+    rate = sum(refused) / len(refused)
+    return ConditionResult("x", family, sigma, seed, rate, 1 - rate, 0, 0, 1, 0, None, 0.0, 0.0,
+                           outcomes={"harmful_refusal": list(refused), "attack_success": [1 - r for r in refused]})
+
+
+def test_rate_intervals_come_from_the_prompts_and_stay_within_zero_and_one():
+    from zorefine.evaluate.curves import summarize
+
+    # Two draws far apart: a t-interval over them (t = 12.7) would span far beyond [0, 1].
+    results = [_with_outcomes("weight_noise", 0.1, 0, [1] * 5 + [0] * 15),
+               _with_outcomes("weight_noise", 0.1, 1, [1] * 17 + [0] * 3),
+               _with_outcomes("quantization", None, None, [1] * 10 + [0] * 10)]
+    summary = summarize(results)
+    noise, single = summary["wnoise σ=0.1"]["harmful_refusal_rate"], summary[results[2].label]["harmful_refusal_rate"]
+    assert noise["mean"] == pytest.approx(0.55) and noise["n"] == 2
+    assert 0.0 <= noise["low"] < 0.55 < noise["high"] <= 1.0
+    # One draw still has prompt sampling: 10 of 20 is not exactly one half of the population.
+    assert single["n"] == 1 and single["low"] < 0.45 and single["high"] > 0.55
+    # A metric without per-prompt outcomes keeps the t-interval, cut to its range.
+    loss = summary["wnoise σ=0.1"]["utility_loss"]
+    assert loss["low"] >= 0.0
+
+
+def test_breaking_level_interval_resamples_seeds_and_prompts_within_the_grid():
+    from zorefine.evaluate.curves import break_level_interval
+
+    results = [_with_outcomes("clean", None, None, [1] * 20),
+               _with_outcomes("weight_noise", 0.1, 0, [1] * 16 + [0] * 4), _with_outcomes("weight_noise", 0.2, 0, [1] * 4 + [0] * 16),
+               _with_outcomes("weight_noise", 0.1, 1, [1] * 8 + [0] * 12), _with_outcomes("weight_noise", 0.2, 1, [1] * 2 + [0] * 18)]
+    level = break_level_interval(results, "harmful_refusal_rate", 0.5)
+    assert level["n"] == 2 and level["never"] == 0
+    assert level["mean"] == pytest.approx((0.15 + 0.1 / 0.6 * 0.5) / 2)
+    assert 0.0 <= level["low"] < level["mean"] < level["high"] <= 0.2
+    # The same call gives the same interval (seeded resampling).
+    assert break_level_interval(results, "harmful_refusal_rate", 0.5) == level
 
 
 def test_fluency_check_marks_answers_the_clean_model_finds_unreadable(micro_checkpoint, tmp_path):

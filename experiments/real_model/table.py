@@ -21,6 +21,7 @@ import numpy as np
 
 from zorefine.evaluate.paired import format_paired, outcome_arrays, paired_differences
 from zorefine.evaluate.report import format_interval
+from zorefine.evaluate.curves import with_current_intervals
 from zorefine.evaluate.robustness import subsample
 from zorefine.stats import hierarchical_bootstrap, paired_verdict
 
@@ -30,7 +31,7 @@ def load(spec: str) -> tuple[str, dict, dict]:
     directory, _, model = rest.partition(":")
     metrics = json.loads((Path(directory) / "metrics.json").read_text())
     model = model or next(iter(metrics["models"]))
-    return name, metrics["models"][model], metrics
+    return name, with_current_intervals(metrics["models"][model], metrics["config"]["evaluate"]["break_fraction"]), metrics
 
 
 def refusal_drop(result: dict, metrics: dict) -> dict[str, dict]:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from zorefine.evaluate.compare_runs import Entry, refusal_area
 from zorefine.evaluate.report import save_figure
-from zorefine.evaluate.robustness import noise_curve
+from zorefine.evaluate.curves import noise_curve
 
 
 def plot_gain_vs_forwards(path: Path, entries: Sequence[Entry]) -> None:

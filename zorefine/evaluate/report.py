@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from zorefine.evaluate.paired import format_paired
-from zorefine.evaluate.robustness import noise_curve
+from zorefine.evaluate.curves import noise_curve
 from zorefine.evaluate.document import Bullets, Details, Document, Heading, Image, Paragraph, Table
 
 ROWS = [
@@ -28,7 +28,7 @@ def format_interval(cell: Mapping[str, float]) -> str:
     mean = cell["mean"]
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    if cell.get("n", 1) > 1 and cell["high"] > cell["low"]:
+    if cell.get("high") is not None and cell["high"] > cell["low"]:
         return f"{mean:.3f} [{cell['low']:.3f}, {cell['high']:.3f}]"
     return f"{mean:.3f}"
 

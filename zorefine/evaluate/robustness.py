@@ -6,7 +6,7 @@ import contextlib
 import difflib
 import random
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -14,11 +14,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from zorefine import distributed
-from zorefine.evaluate.paired import condition_group
 from zorefine.models.generation import generate_responses
 from zorefine.judge import RefusalJudge, Verdict
 from zorefine.models.objectives import mean_response_nll, per_example_nll
-from zorefine.stats import mean_interval
 from zorefine.threats import Threat, WeightNoise, parse_threat, threatened
 from zorefine.threats.base import is_random
 from zorefine.threats.streams import stream_seed
@@ -236,138 +234,6 @@ def evaluate_grid(
     results = processes.map_sharded(grid, measure_condition)
     progress.close()
     return results
-
-
-METRICS = (
-    "harmful_refusal_rate",
-    "attack_success_rate",
-    "harmful_degenerate_rate",
-    "benign_refusal_rate",
-    "benign_helpful_rate",
-    "benign_degenerate_rate",
-    "overrefusal_rate",
-    "safety_loss",
-    "utility_loss",
-    "benign_agreement",
-)
-
-
-def summarize(results: Sequence[ConditionResult]) -> dict[str, dict]:
-    """Per condition group (clean, each σ, each other threat): mean and interval of every metric.
-
-    The draws of one random threat (its seeds, listed ``anoise:0.05:seed=0``, ``...:seed=1``)
-    are one group, like the seeds of a weight-noise level.
-    """
-    groups: dict[str, list[ConditionResult]] = {}
-    for result in results:
-        key = condition_group(result.family, result.sigma, result.label)
-        groups.setdefault(key, []).append(result)
-    summary = {}
-    for key, members in groups.items():
-        summary[key] = {
-            "family": members[0].family,
-            "sigma": members[0].sigma,
-            **{metric: mean_interval([getattr(m, metric) for m in members]) for metric in METRICS},
-        }
-    return summary
-
-
-def break_sigma(summary: dict[str, dict], metric: str, fraction: float) -> Optional[float]:
-    """Smallest σ at which ``metric`` falls below ``fraction`` × its clean value (None: never)."""
-    clean = summary["clean"][metric]["mean"]
-    curve = sorted((v["sigma"], v[metric]["mean"]) for v in summary.values() if v["family"] == "weight_noise")
-    for sigma, value in curve:
-        if value < fraction * clean:
-            return sigma
-    return None
-
-
-def break_level_interval(results: Sequence[ConditionResult], metric: str, fraction: float) -> dict[str, Any]:
-    """The breaking level per noise seed, then its mean and 95% interval over seeds.
-
-    A seed's breaking level is the σ at which its ``metric`` curve (clean value at σ=0, then
-    that seed's value at each σ of the grid) first falls below ``fraction`` × the clean value,
-    linearly interpolated between the two grid points around the crossing. Seeds whose curve
-    never falls that far are counted in ``never`` (their level lies beyond the grid) and left
-    out of the interval, so read it with ``never``.
-    """
-    clean = next(getattr(r, metric) for r in results if r.family == "clean")
-    threshold = fraction * clean
-    by_seed: dict[int, list[tuple[float, float]]] = {}
-    for result in results:
-        if result.family == "weight_noise":
-            by_seed.setdefault(result.seed, []).append((result.sigma, getattr(result, metric)))
-    levels, never = [], 0
-    for points in by_seed.values():
-        curve = [(0.0, clean)] + sorted(points)
-        crossing = next((i for i, (_, value) in enumerate(curve) if value < threshold), None)
-        if crossing is None:
-            never += 1
-            continue
-        (x0, y0), (x1, y1) = curve[crossing - 1], curve[crossing]
-        levels.append(x0 + (x1 - x0) * (y0 - threshold) / (y0 - y1))
-    return {**mean_interval(levels), "never": never, "max_sigma": max((s for p in by_seed.values() for s, _ in p), default=None)}
-
-
-def rise_sigma(summary: dict[str, dict], metric: str, rise: float) -> Optional[float]:
-    """Smallest σ at which ``metric`` exceeds its clean value by ``rise`` (None: never)."""
-    clean = summary["clean"][metric]["mean"]
-    curve = sorted((v["sigma"], v[metric]["mean"]) for v in summary.values() if v["family"] == "weight_noise")
-    for sigma, value in curve:
-        if value - clean >= rise:
-            return sigma
-    return None
-
-
-def breaks_first_or_together(first: Optional[float], second: Optional[float]) -> bool:
-    """Whether ``first`` breaks within the grid no later than ``second`` (None = never breaks)."""
-    return first is not None and (second is None or first <= second)
-
-
-def robustness_curve_area(summary: dict[str, dict], metric: str = "harmful_refusal_rate") -> float:
-    """Trapezoid area under ``metric`` against σ, from σ=0 (clean) to the largest σ, per unit σ."""
-    points = [(sigma, cell[metric]["mean"]) for sigma, cell in noise_curve(summary)]
-    if len(points) < 2:
-        return points[0][1]
-    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
-    return area / (points[-1][0] - points[0][0])
-
-
-def noise_curve(summary: dict[str, dict]) -> list[tuple[float, dict]]:
-    """``(σ, cell group)`` from σ = 0 (the clean condition) through every weight-noise level."""
-    noisy = sorted(((v["sigma"], v) for v in summary.values() if v["family"] == "weight_noise"), key=lambda p: p[0])
-    return [(0.0, summary["clean"])] + noisy
-
-
-def robust_sigma(summary: dict[str, dict], metric: str, level: float) -> Optional[float]:
-    """Largest σ up to which ``metric`` stays ≥ ``level`` at every σ of the grid (0.0: only clean;
-    None: not even clean)."""
-    if summary["clean"][metric]["mean"] < level:
-        return None
-    robust = 0.0
-    for sigma, value in sorted((v["sigma"], v[metric]["mean"]) for v in summary.values() if v["family"] == "weight_noise"):
-        if value < level:
-            break
-        robust = sigma
-    return robust
-
-
-def curve_area_interval(results: Sequence[ConditionResult], metric: str = "harmful_refusal_rate") -> dict[str, float]:
-    """Mean and 95% interval over noise seeds of the area under ``metric`` against σ.
-
-    Each seed's curve runs from the clean value through that seed's value at every σ.
-    """
-    clean = next(getattr(r, metric) for r in results if r.family == "clean")
-    by_seed: dict[int, list[tuple[float, float]]] = {}
-    for result in results:
-        if result.family == "weight_noise":
-            by_seed.setdefault(result.seed, []).append((result.sigma, getattr(result, metric)))
-    areas = []
-    for points in by_seed.values():
-        curve = [(0.0, clean)] + sorted(points)
-        area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(curve, curve[1:]))
-        areas.append(area / curve[-1][0])
-    return mean_interval(areas) if areas else mean_interval([clean])
 
 
 def as_dicts(results: Sequence[ConditionResult]) -> list[dict]:

@@ -23,19 +23,22 @@ from zorefine.models.param_masks import named_sets
 from zorefine.run import METRICS_FILE, Run
 from zorefine.evaluate.paired import OUTCOMES, paired_differences
 from zorefine.evaluate.report import write_report
-from zorefine.evaluate.robustness import (
-    EvalSets,
-    as_dicts,
+from zorefine.evaluate.curves import (
     break_level_interval,
     break_sigma,
     breaks_first_or_together,
     curve_area_interval,
-    evaluate_grid,
     rise_sigma,
     robust_sigma,
     robustness_curve_area,
-    subsample,
     summarize,
+    with_current_intervals,
+)
+from zorefine.evaluate.robustness import (
+    EvalSets,
+    as_dicts,
+    evaluate_grid,
+    subsample,
     threat_grid,
     with_training_data,
 )
@@ -108,7 +111,8 @@ def evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: 
     cached = Path(cfg.cache_dir) / f"{evaluation_key(run, checkpoint)}.json" if cfg.cache_dir else None
     if cached is not None and cached.is_file():
         log.info("[evaluate] %s: reusing the evaluation cached at %s", name, cached)
-        return {**json.loads(cached.read_text()), "checkpoint": str(checkpoint), "cached_from": str(cached)}
+        stored = with_current_intervals(json.loads(cached.read_text()), cfg.break_fraction)
+        return {**stored, "checkpoint": str(checkpoint), "cached_from": str(cached)}
     result = _evaluate_checkpoint(run, checkpoint, sets, clean_sets, name)
     if cached is not None and run.processes.is_main:
         write_json_atomic(cached, result)
