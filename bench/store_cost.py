@@ -1,0 +1,72 @@
+"""Benchmark: what each weight store (``copy``, ``inplace``, ``compensated``) adds to a ZO step.
+
+Prints one JSON object measured in this run, per selection (``full``, ``top_half``) and store:
+
+- ``engine_seconds``: the median seconds of a step whose loss costs nothing, i.e. only the
+  store's own work (regenerating directions, moving and restoring weights);
+- ``step_over_forward``: the real step ÷ an inference forward timed just before it (median of
+  paired ratios, as in ``zo_step.py``).
+
+With ``--profile`` it also prints the ten functions where the compensated full-model step spends
+its time (cProfile, two steps), to stderr. It exists because ``zo_step.py``'s run of
+2026-12-04 reported 13.9 forwards for the compensated full-model step, far from the other
+stores; this isolates the stores from the rest of that benchmark.
+
+Usage: ``python bench/store_cost.py [--model 100m] [--batch 8] [--seq 128] [--repeats 3] [--profile]``
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import json
+import pstats
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zo_step import Clock, Steps, batch_for, build, model_arguments  # noqa: E402
+
+STORES = ("copy", "inplace", "compensated")
+
+
+def measure(model_name: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
+    """Engine-only seconds and step ÷ forward ratios of every store, on CPU."""
+    model = build(model_name, "cpu")
+    steps, clock = Steps(model, batch_for(model, batch, seq)), Clock("cpu")
+    results = {"inference_forward_seconds": round(clock.median(steps.inference, repeats), 4)}
+    for which in ("top_half", "full"):
+        for store in STORES:
+            engine = steps.engine(which, "rademacher", store)
+            results[f"{which}/{store}/engine_seconds"] = round(clock.median(steps.zo(engine, free=True), repeats), 4)
+            results[f"{which}/{store}/step_over_forward"] = round(clock.ratio(steps.zo(engine), steps.inference, repeats), 3)
+    return results
+
+
+def profile_compensated(model_name: str, batch: int, seq: int) -> str:
+    """cProfile's ten most expensive functions of two compensated full-model engine steps."""
+    model = build(model_name, "cpu")
+    steps = Steps(model, batch_for(model, batch, seq))
+    step = steps.zo(steps.engine("full", "rademacher", "compensated"), free=True)
+    step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step(), step()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(10)
+    return text.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = model_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true", help="also profile the compensated full-model step")
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.model, args.batch, args.seq, args.repeats), indent=2))
+    if args.profile:
+        print(profile_compensated(args.model, args.batch, args.seq), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
