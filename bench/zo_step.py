@@ -25,6 +25,9 @@ decoder layers, where the prefix cache has nothing to skip):
 - ``gaussian/step_over_forward``, ``rademacher/step_over_forward`` (the default engine),
   ``rademacher_compensated/step_over_forward`` (``store="compensated"``): zorefine's steps;
 - ``rademacher_inplace/step_over_forward`` (``store="inplace"``: no copy of θ at all);
+- ``tiled_inplace/step_over_forward`` (``direction="tiled"``, ``store="inplace"``: ±1 blocks read
+  as signed shifts of one pool per step, so a move is one add per block and no direction is
+  drawn entry by entry; ``tiled_inplace/engine_share`` as below);
 - ``defer_gain``: the default step writing each update at once (``settle=True``) ÷ the default
   step, which leaves it to the next step's first move as ``refine`` does;
 - ``*_cached/step_over_forward``: the same with the prefix cache, capture included (``top_half``);
@@ -227,13 +230,15 @@ def measure(model_name: str, batch: int, seq: int, repeats: int, device: str | N
         rows = {"mezo": ratio(steps.mezo(which))}
         for tag, direction, store in (("gaussian", "gaussian", "copy"), ("rademacher", "rademacher", "copy"),
                                       ("rademacher_compensated", "rademacher", "compensated"),
-                                      ("rademacher_inplace", "rademacher", "inplace")):
+                                      ("rademacher_inplace", "rademacher", "inplace"),
+                                      ("tiled_inplace", "tiled", "inplace")):
             engine = steps.engine(which, direction, store)
             rows[tag] = ratio(steps.zo(engine))
             if first:
                 rows[f"{tag}_cached"] = ratio(steps.zo(engine, first))
+            if tag in ("rademacher", "tiled_inplace"):
+                results[f"{which}/{tag}/engine_share"] = ratio(steps.zo(engine, free=True)) / rows[tag]
             if tag == "rademacher":
-                results[f"{which}/rademacher/engine_share"] = ratio(steps.zo(engine, free=True)) / rows[tag]
                 results[f"{which}/defer_gain"] = ratio(steps.zo(engine, settle=True)) / rows[tag]
                 if which == "full":
                     results["full/rademacher/step_over_grad_forward"] = clock.ratio(steps.zo(engine), steps.loss, repeats)
@@ -284,8 +289,8 @@ def _work(model, inputs: dict[str, torch.Tensor], mode: str) -> None:
         for _ in range(3):
             steps.inference()
         return
-    which, _, store = mode.partition(":")
-    step = steps.zo(steps.engine(which, "rademacher", store or "copy"), first_refined_layer(model, which))
+    which, store, direction = (mode.split(":") + ["", ""])[:3]
+    step = steps.zo(steps.engine(which, direction or "rademacher", store or "copy"), first_refined_layer(model, which))
     for _ in range(3):
         step()
 
@@ -306,7 +311,8 @@ def _peak_rss_child(model_name: str, batch: int, seq: int, mode: str) -> int:
 
 MEMORY_MODES = {"full": "full", "top_half": "top_half", "default": "default",
                 "full_compensated": "full:compensated", "top_half_compensated": "top_half:compensated",
-                "full_inplace": "full:inplace", "top_half_inplace": "top_half:inplace"}
+                "full_inplace": "full:inplace", "top_half_inplace": "top_half:inplace",
+                "full_tiled_inplace": "full:inplace:tiled", "top_half_tiled_inplace": "top_half:inplace:tiled"}
 
 
 def _cuda_peak(model_name: str, batch: int, seq: int, mode: str) -> int:

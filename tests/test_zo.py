@@ -48,7 +48,7 @@ def test_step_only_touches_selected_parameters():
 def _z(engine: ZOEngine, name: str, seed: int) -> torch.Tensor:
     """The direction ``engine`` gives tensor ``name`` for a direction seed."""
     param = engine.params[name]
-    return Direction(engine.settings.direction, param.shape, param.device, tensor_seed(seed, name)).full()
+    return Direction(engine.settings.direction, param.shape, param.device, tensor_seed(seed, name), pool_seed=seed).full()
 
 
 def test_update_follows_the_regenerated_direction():

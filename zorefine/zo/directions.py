@@ -28,6 +28,13 @@ DIRECTIONS_VERSION = 3
 # Fixed per device type, because CUDA generators give different numbers for other chunkings.
 _CHUNK_BY_DEVICE_TYPE = {"cpu": 1 << 20}
 _CHUNK_DEFAULT = 1 << 24
+# Entries per block of a "tiled" direction: its tile pool (2 × 2 blocks of fp32) stays in cache on
+# CPU; on a GPU a block is one kernel's worth of work.
+_TILE_BY_DEVICE_TYPE = {"cpu": 1 << 18}
+_TILE_DEFAULT = 1 << 22
+# Tile pools kept per device: a move reads at most two directions at once (the pending update's
+# and the new one), plus one for the next step's.
+_TILE_POOLS_KEPT = 3
 
 
 def tensor_seed(base_seed: int, tensor_name: str) -> int:
@@ -39,6 +46,38 @@ def tensor_seed(base_seed: int, tensor_name: str) -> int:
 def chunk_size(device: torch.device) -> int:
     """Entries per direction chunk on ``device`` (a multiple of 64)."""
     return _CHUNK_BY_DEVICE_TYPE.get(torch.device(device).type, _CHUNK_DEFAULT)
+
+
+def tile_size(device: torch.device) -> int:
+    """Entries per block of a ``"tiled"`` direction on ``device`` (a multiple of 64)."""
+    return _TILE_BY_DEVICE_TYPE.get(torch.device(device).type, _TILE_DEFAULT)
+
+
+class _TilePools:
+    """The ±1 pools that ``"tiled"`` directions read their blocks from, a few per device.
+
+    A pool is one fresh random ±1 vector ``v`` of two blocks (row 0) and ``−v`` (row 1), drawn
+    from a pool seed. Every tensor's direction under one direction seed reads the same pool, so
+    the pool is drawn once per step instead of once per tensor and move.
+    """
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[int, torch.device, int], torch.Tensor] = {}
+
+    def get(self, seed: int, device: torch.device) -> torch.Tensor:
+        """The pool of ``seed`` on ``device``: shape ``(2, 2 × tile_size)``, rows ``v`` and ``−v``."""
+        key = (int(seed), torch.device(device), tile_size(device))
+        pool = self._pools.pop(key, None)
+        if pool is None:
+            v = Direction("rademacher", (2 * key[2],), device, tensor_seed(seed, "tiled:pool")).full()
+            pool = torch.stack([v, -v])
+            while len(self._pools) >= _TILE_POOLS_KEPT:
+                self._pools.pop(next(iter(self._pools)))
+        self._pools[key] = pool  # most recent last
+        return pool
+
+
+_TILE_POOLS = _TilePools()
 
 
 class _ScratchPool:
@@ -78,18 +117,31 @@ def _sign_table(device: torch.device) -> torch.Tensor:
 
 
 class Direction:
-    """The direction ``z(seed)`` of one tensor: Gaussian or ±1 (Rademacher), fp32.
+    """The direction ``z(seed)`` of one tensor: Gaussian, ±1 (Rademacher) or tiled ±1, fp32.
 
     Args:
-        kind: ``"gaussian"`` (standard normal entries) or ``"rademacher"`` (±1 entries, a valid
-            SPSA direction with zero mean and identity covariance that costs one random bit per
-            entry: several times cheaper to regenerate on CPU).
+        kind: ``"gaussian"`` (standard normal entries), ``"rademacher"`` (independent ±1 entries,
+            a valid SPSA direction with zero mean and identity covariance that costs one random
+            bit per entry: several times cheaper to regenerate on CPU) or ``"tiled"`` (±1 entries
+            read from a shared pool, see below: nearly free to regenerate).
         shape: the tensor's shape.
         device: where to draw it.
         seed: the tensor's seed (see :func:`tensor_seed`).
         window: ``(offset, length)``: only entries ``offset .. offset+length`` of the flattened
             tensor, re-indexed from 0 (a ZeRO-3 partition; entries past the tensor's end are
             padding and get no direction). The numbers are those of the whole direction.
+        pool_seed: ``"tiled"`` only: the seed of the pool every tensor of one step reads (the
+            engine passes the direction seed); default ``seed``.
+
+    A tiled direction cuts the flattened tensor into blocks of :func:`tile_size` entries; block
+    ``k`` is ``σ_k · v[r_k : r_k + block]`` with ``v`` the pool's ±1 vector (fresh per pool seed,
+    two blocks long) and an offset ``r_k`` and sign ``σ_k`` drawn per block from the tensor's
+    seed. Entries within a block are distinct entries of ``v``, and blocks carry independent
+    signs, so ``E[z] = 0`` and ``E[z zᵀ] = I`` exactly, and ``|z|² = n`` as for Rademacher: the
+    SPSA estimate is unbiased with the same mean squared error. Its higher moments differ
+    (blocks are signed shifts of one vector; two blocks whose offsets coincide, about
+    ``blocks² / (2 × block)`` pairs over a step, are signed copies), which is why it is an
+    option, not the default.
     """
 
     def __init__(
@@ -99,11 +151,13 @@ class Direction:
         device: torch.device,
         seed: int,
         window: tuple[int, int] | None = None,
+        pool_seed: int | None = None,
     ) -> None:
         if kind not in DIRECTIONS:
             raise ValueError(f"direction must be one of {sorted(DIRECTIONS)}, got {kind!r}")
         self.kind, self.shape, self.device, self.seed = kind, torch.Size(shape), torch.device(device), int(seed)
         self.window = window
+        self.pool_seed = self.seed if pool_seed is None else int(pool_seed)
         full_numel = self.shape.numel()
         self._first, self.numel = window if window is not None else (0, full_numel)
         self._last = min(self._first + self.numel, full_numel)  # entries past it are padding
@@ -115,6 +169,9 @@ class Direction:
         before advancing the iterator. A window still draws the chunks before it (one random
         stream per tensor), so a partition costs the draw of everything up to its end.
         """
+        if self.kind == "tiled":
+            yield from self._tiled_chunks()
+            return
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed)
         step = chunk_size(self.device)
@@ -127,6 +184,27 @@ class Direction:
                     continue
                 low, high = max(start, first), min(end, last)
                 yield low - first, high - first, z[low - start : high - start]
+
+    def _tiled_chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """The blocks of a tiled direction: views into the pool, no entry drawn or written."""
+        block, numel = tile_size(self.device), self.shape.numel()
+        num_blocks = (numel + block - 1) // block
+        # Offsets and signs are a few numbers per tensor: drawn on the CPU, so no device sync.
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        offsets = torch.randint(0, block, (num_blocks,), generator=generator).tolist()
+        signs = torch.randint(0, 2, (num_blocks,), generator=generator).tolist()
+        pool = _TILE_POOLS.get(self.pool_seed, self.device)
+        first, last = self._first, self._last
+        for k in range(num_blocks):
+            start, end = k * block, min((k + 1) * block, numel)
+            if end <= first:
+                continue
+            if start >= last:
+                return
+            low, high = max(start, first), min(end, last)
+            r = offsets[k] + low - start
+            yield low - first, high - first, pool[signs[k], r : r + high - low]
 
     def _fill(self, scratch: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
         if self.kind == "gaussian":
@@ -163,6 +241,11 @@ def rademacher_direction(reference: torch.Tensor, seed: int, dtype: torch.dtype 
     return Direction("rademacher", reference.shape, reference.device, seed).full(dtype)
 
 
+def tiled_direction(reference: torch.Tensor, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Tiled ±1 tensor shaped like ``reference``, reproducible from ``seed`` (its own pool)."""
+    return Direction("tiled", reference.shape, reference.device, seed).full(dtype)
+
+
 def tensor_rms(tensor: torch.Tensor) -> float:
     """Root-mean-square of a tensor's entries, computed in float32 (0.0 for an empty tensor)."""
     if tensor.numel() == 0:
@@ -170,4 +253,4 @@ def tensor_rms(tensor: torch.Tensor) -> float:
     return float(tensor.detach().float().pow(2).mean().sqrt())
 
 
-DIRECTIONS = {"gaussian": gaussian_direction, "rademacher": rademacher_direction}
+DIRECTIONS = {"gaussian": gaussian_direction, "rademacher": rademacher_direction, "tiled": tiled_direction}

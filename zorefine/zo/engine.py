@@ -65,7 +65,9 @@ class ZOSettings:
     # n-SPSA: directions averaged per step (2 forward passes each).
     num_directions: int = 1
     # "rademacher" (±1 entries: one random bit each, ~6x cheaper to regenerate than a Gaussian on
-    # CPU, same expected gradient, lower variance) or "gaussian" (as in MeZO).
+    # CPU, same expected gradient, lower variance), "gaussian" (as in MeZO) or "tiled" (±1 entries
+    # read as signed shifts of one pool per step: unbiased with the same mean squared error, and
+    # nearly free to regenerate; see zorefine.zo.directions.Direction).
     direction: str = "rademacher"
     # "sgd" | "momentum" | "adam" | "sign" (state, if any, only for the selected tensors).
     optimizer: str = "sgd"
@@ -190,7 +192,7 @@ class ZOEngine:
         """
         entries = self.local[name]
         kind, shape, device, window = self.settings.direction, entries.shape, entries.tensor.device, entries.window()
-        return lambda seed: Direction(kind, shape, device, tensor_seed(seed, name), window)
+        return lambda seed: Direction(kind, shape, device, tensor_seed(seed, name), window, pool_seed=seed)
 
     def theta(self, name: str) -> torch.Tensor:
         """The exact fp32 value of a selected tensor (settles its weight first if needed)."""
