@@ -37,6 +37,17 @@ _TILE_DEFAULT = 1 << 22
 _TILE_POOLS_KEPT = 3
 
 
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _splitmix64(state: int) -> int:
+    """The splitmix64 output function (Steele et al. 2014): 64 well-mixed bits of ``state``."""
+    z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 def tensor_seed(base_seed: int, tensor_name: str) -> int:
     """Derive the seed of one tensor's direction from a base seed and the tensor's name."""
     digest = hashlib.blake2b(f"{int(base_seed)}:{tensor_name}".encode(), digest_size=8).digest()
@@ -49,7 +60,7 @@ def chunk_size(device: torch.device) -> int:
 
 
 def tile_size(device: torch.device) -> int:
-    """Entries per block of a ``"tiled"`` direction on ``device`` (a multiple of 64)."""
+    """Entries per block of a ``"tiled"`` direction on ``device`` (a power of two)."""
     return _TILE_BY_DEVICE_TYPE.get(torch.device(device).type, _TILE_DEFAULT)
 
 
@@ -188,23 +199,22 @@ class Direction:
     def _tiled_chunks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         """The blocks of a tiled direction: views into the pool, no entry drawn or written."""
         block, numel = tile_size(self.device), self.shape.numel()
-        num_blocks = (numel + block - 1) // block
-        # Offsets and signs are a few numbers per tensor: drawn on the CPU, so no device sync.
-        generator = torch.Generator()
-        generator.manual_seed(self.seed)
-        offsets = torch.randint(0, block, (num_blocks,), generator=generator).tolist()
-        signs = torch.randint(0, 2, (num_blocks,), generator=generator).tolist()
         pool = _TILE_POOLS.get(self.pool_seed, self.device)
         first, last = self._first, self._last
-        for k in range(num_blocks):
-            start, end = k * block, min((k + 1) * block, numel)
+        state = self.seed
+        for start in range(0, numel, block):
+            # A block's offset and sign: 64 bits of a splitmix64 stream on the tensor's seed, in
+            # plain Python (hundreds of small tensors make a torch generator per tensor the cost).
+            state = (state + _GOLDEN_GAMMA) & _MASK64
+            bits = _splitmix64(state)
+            end = min(start + block, numel)
             if end <= first:
                 continue
             if start >= last:
                 return
             low, high = max(start, first), min(end, last)
-            r = offsets[k] + low - start
-            yield low - first, high - first, pool[signs[k], r : r + high - low]
+            r = (bits & (block - 1)) + low - start
+            yield low - first, high - first, pool[bits >> 63, r : r + high - low]
 
     def _fill(self, scratch: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
         if self.kind == "gaussian":
