@@ -13,12 +13,13 @@ Prints one JSON object measured in this run, per selection (``full``, ``top_half
   and the store's engine seconds in units of that pass. The two-forward floor leaves room for
   ``(limit - 2) × forward ÷ pass`` such passes per step.
 
-With ``--profile`` it also prints the ten functions where the compensated full-model step spends
-its time (cProfile, two steps), to stderr. It exists because ``zo_step.py``'s run of
+With ``--profile [ROW]`` it also prints the ten functions where that engine's full-model step
+(default ``compensated``) spends its time (cProfile, two steps, free loss), to stderr. It exists
+because ``zo_step.py``'s run of
 2026-12-04 reported 13.9 forwards for the compensated full-model step, far from the other
 stores; this isolates the stores from the rest of that benchmark.
 
-Usage: ``python bench/store_cost.py [--model 100m] [--batch 8] [--seq 128] [--repeats 3] [--profile]``
+Usage: ``python bench/store_cost.py [--model 100m] [--batch 8] [--seq 128] [--repeats 3] [--profile [ROW]]``
 """
 
 from __future__ import annotations
@@ -67,11 +68,13 @@ def weight_pass(weights: list[torch.Tensor]) -> None:
         weight.add_(1e-30)
 
 
-def profile_compensated(model_name: str, batch: int, seq: int) -> str:
-    """cProfile's ten most expensive functions of two compensated full-model engine steps."""
+def profile_engine(model_name: str, batch: int, seq: int, row: str = "compensated") -> str:
+    """cProfile's ten most expensive functions of two full-model engine steps of ``row`` (an
+    :data:`ENGINES` row), with a free loss."""
+    direction, store = next((d, s) for name, d, s in ENGINES if name == row)
     model = build(model_name, "cpu")
     steps = Steps(model, batch_for(model, batch, seq))
-    step = steps.zo(steps.engine("full", "rademacher", "compensated"), free=True)
+    step = steps.zo(steps.engine("full", direction, store), free=True)
     step()
     profiler = cProfile.Profile()
     profiler.enable()
@@ -84,11 +87,12 @@ def profile_compensated(model_name: str, batch: int, seq: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = model_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--profile", action="store_true", help="also profile the compensated full-model step")
+    parser.add_argument("--profile", nargs="?", const="compensated", choices=[row for row, _, _ in ENGINES],
+                        help="also profile two full-model steps of this engine row (default: compensated)")
     args = parser.parse_args(argv)
     print(json.dumps(measure(args.model, args.batch, args.seq, args.repeats), indent=2))
     if args.profile:
-        print(profile_compensated(args.model, args.batch, args.seq), file=sys.stderr)
+        print(profile_engine(args.model, args.batch, args.seq, args.profile), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ def test_store_cost_reports_each_store_as_at_least_two_forwards_per_step(store_c
             assert results[f"{which}/{row}/step_over_forward"] > 1.5
 
 
-def test_store_cost_profiles_the_compensated_store(store_cost):
-    text = store_cost.profile_compensated("builtin", batch=2, seq=16)
+@pytest.mark.parametrize("row", ["compensated", "tiled_inplace"])
+def test_store_cost_profiles_an_engine(store_cost, row):
+    text = store_cost.profile_engine("builtin", batch=2, seq=16, row=row)
     assert "weight_store.py" in text
 
 
