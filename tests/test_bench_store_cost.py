@@ -17,7 +17,7 @@ def store_cost():
 
 
 def test_store_cost_reports_each_store_as_at_least_two_forwards_per_step(store_cost):
-    results = store_cost.measure("builtin", batch=2, seq=16, repeats=1)
+    results = store_cost.measure("builtin", batch=2, seq=16, repeats=3)
     for which in ("top_half", "full"):
         for row, _, _ in store_cost.ENGINES:
             assert results[f"{which}/{row}/engine_seconds"] > 0
@@ -41,7 +41,7 @@ def test_a_weight_pass_writes_every_weight_back_unchanged(store_cost):
 
 
 def test_store_cost_states_each_store_s_work_in_weight_passes(store_cost):
-    results = store_cost.measure("builtin", batch=2, seq=16, repeats=1)
+    results = store_cost.measure("builtin", batch=2, seq=16, repeats=3)
     for which in ("top_half", "full"):
         assert results[f"{which}/weight_pass_seconds"] > 0
         # A store moves each weight at least twice a step (+εz, then −2εz), so its work cannot

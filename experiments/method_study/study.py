@@ -373,7 +373,7 @@ class Study:
                 metrics = _read(self.result("tune", method.name, f"c{index}", "metrics.json"))
                 scored.append((index, config, _tuning_scores(metrics)))
             keeps = [s for s in scored if s[2]["keeps_clean"]]
-            pool = keeps or sorted(scored, key=lambda s: s[2]["overrefusal_rise"])[:1]
+            pool = keeps or _least_overrefusing(scored)
             index, config, scores = min(pool, key=lambda s: s[2]["attack_success"])
             chosen[method.name] = {"config": index, "overrides": config, "scores": scores, "kept_clean": bool(keeps)}
         for root in (self.out, self.kept):
@@ -386,8 +386,11 @@ class Study:
         self.prepare()
         selected = _read(self.result("selected.json"))
         evaluation = self.target.test_eval
-        for method in self.methods():
-            config = selected[method.name]["overrides"]
+        by_name = {method.name: method for method in self.methods()}
+        for method in by_name.values():
+            # Rebuilt from the index, not read from selected.json: its paths name the --out that
+            # select ran with, and test may run on another machine with another --out.
+            config = by_name[method.tuned_as or method.name].configs[selected[method.name]["config"]]
             seeds = self.target.main_seeds if method.name in MAIN_ROWS else self.target.other_seeds
             for seed in range(seeds):
                 self.refine_job(self.out / "test" / "small" / method.name / f"s{seed}", method, config, seed, 1, evaluation)
@@ -516,6 +519,14 @@ def plot_tradeoff(points: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _least_overrefusing(scored: list[tuple]) -> list[tuple]:
+    """The configurations tied for the smallest clean over-refusal rise: the pool of a method that
+    keeps clean use in none. All the ties, so that attack success breaks them as it ranks the
+    keepers (a baseline is never handed the less robust of two equally over-refusing settings)."""
+    least = min(s[2]["overrefusal_rise"] for s in scored)
+    return [s for s in scored if s[2]["overrefusal_rise"] <= least + 1e-9]
 
 
 def _tuning_scores(metrics: dict) -> dict:
