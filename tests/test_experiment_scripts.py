@@ -181,6 +181,17 @@ def _metrics(attack: float, overrefusal: float, utility: float) -> dict:
     return {"models": {"before": {"summary": {"clean": clean_before}}, "after": {"summary": after}}}
 
 
+def _tuned(study: ModuleType, out: Path, metrics_of) -> None:
+    """Tuning results for every method's configurations: ``metrics_of(index)`` for each ``c{index}``."""
+    import json
+
+    for method in study.methods(out):
+        for index, _ in enumerate(method.configs):
+            directory = out / "tune" / method.name / f"c{index}"
+            directory.mkdir(parents=True)
+            (directory / "metrics.json").write_text(json.dumps(metrics_of(index)))
+
+
 def test_tuning_picks_the_lowest_attack_success_that_keeps_clean_behaviour(study, tmp_path) -> None:
     import json
 
@@ -197,31 +208,19 @@ def test_tuning_picks_the_lowest_attack_success_that_keeps_clean_behaviour(study
 
 
 def test_a_method_that_never_keeps_clean_use_gets_its_most_robust_least_overrefusing_setting(study, tmp_path) -> None:
-    import json
-
     _prepared(tmp_path)
     # Every configuration raises utility loss past the slack; c1 and c2 tie for the smallest
     # over-refusal rise, and c2 is the more robust of the two.
     grid = [_metrics(0.05, 0.16, 2.2), _metrics(0.20, 0.10, 2.2), _metrics(0.12, 0.10, 2.2), _metrics(0.01, 0.13, 2.2)]
-    for method in study.methods(tmp_path):
-        for index, _ in enumerate(method.configs):
-            directory = tmp_path / "tune" / method.name / f"c{index}"
-            directory.mkdir(parents=True)
-            (directory / "metrics.json").write_text(json.dumps(grid[index]))
+    _tuned(study, tmp_path, grid.__getitem__)
     selected = study.Study(tmp_path, tmp_path / "aligned", dry_run=True).select()
     assert selected["sft"]["config"] == 2 and not selected["sft"]["kept_clean"]
 
 
 def test_the_random_layer_control_runs_the_configuration_selected_for_zo(study, tmp_path, capsys) -> None:
-    import json
-
     _prepared(tmp_path)
-    for method in study.methods(tmp_path):
-        for index, _ in enumerate(method.configs):
-            directory = tmp_path / "tune" / method.name / f"c{index}"
-            directory.mkdir(parents=True)
-            # Configuration 2 is every method's most robust one that keeps clean behaviour.
-            (directory / "metrics.json").write_text(json.dumps(_metrics(0.1 if index == 2 else 0.3, 0.10, 2.0)))
+    # Configuration 2 is every method's most robust one that keeps clean behaviour.
+    _tuned(study, tmp_path, lambda index: _metrics(0.1 if index == 2 else 0.3, 0.10, 2.0))
     runner = study.Study(tmp_path, tmp_path / "aligned", dry_run=True)
     selected = runner.select()
     zo = next(m for m in study.methods(tmp_path) if m.name == "zo")
@@ -237,16 +236,10 @@ def test_the_random_layer_control_runs_the_configuration_selected_for_zo(study, 
 
 
 def test_the_test_phase_reads_unit_masks_from_its_own_out_not_select_s(study, tmp_path, capsys) -> None:
-    import json
-
     select_out, test_out = tmp_path / "select", tmp_path / "test"
     for out in (select_out, test_out):
         _prepared(out)
-    for method in study.methods(select_out):
-        for index, _ in enumerate(method.configs):
-            directory = select_out / "tune" / method.name / f"c{index}"
-            directory.mkdir(parents=True)
-            (directory / "metrics.json").write_text(json.dumps(_metrics(0.1 if index == 3 else 0.3, 0.10, 2.0)))
+    _tuned(study, select_out, lambda index: _metrics(0.1 if index == 3 else 0.3, 0.10, 2.0))
     study.Study(select_out, tmp_path / "aligned", dry_run=True).select()
     (test_out / "selected.json").write_text((select_out / "selected.json").read_text())
     study.Study(test_out, tmp_path / "aligned", dry_run=True).test()
