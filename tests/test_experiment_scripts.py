@@ -291,6 +291,8 @@ class _FakeZorefine:
 
     def __init__(self, study: ModuleType):
         self.study, self.calls = study, []
+        # What the rebuild check's evaluation of an unrefined model reports.
+        self.rebuilt = _unrefined(attack=[0] * 32, overrefusal=[0] * 69)
 
     def __call__(self, command, stdout=None, stderr=None, env=None):
         import json
@@ -306,6 +308,8 @@ class _FakeZorefine:
         elif stages == "[analyze]":
             (run / "selection.json").write_text(json.dumps({"layers": [11, 13]}))
             (run / "sensitivity.json").write_text(json.dumps({"cost": {"forward_passes": 122}}))
+        elif stages == "[evaluate]" and run.name.startswith("rebuild_"):
+            (run / "metrics.json").write_text(json.dumps({"models": {"model": self.rebuilt}}))
         elif stages == "[evaluate]":
             summary = {f"anoise:{s}": {"harmful_refusal_rate": {"mean": 0.8}, "harmful_degenerate_rate": {"mean": 0.0 if s < 0.04 else 0.3}}
                        for s in (0.02, 0.05)}
@@ -357,6 +361,66 @@ def test_the_study_stops_when_a_rebuilt_input_differs_from_the_one_it_started_wi
     _aligned(tmp_path, b"a differently aligned model")
     with pytest.raises(SystemExit, match="not the files this study started with"):
         study.Study(tmp_path / "machine2", tmp_path / "aligned", target=study.TARGETS["builtin"], kept=kept).prepare()
+
+
+def _unrefined(attack: list[int], overrefusal: list[int], utility: float = 2.0) -> dict:
+    """An unrefined model's evaluation: per-prompt outcomes clean and under one threat."""
+    def rate(outcomes: list[int]) -> dict:
+        return {"mean": sum(outcomes) / len(outcomes)}
+    return {"summary": {"clean": {"overrefusal_rate": rate(overrefusal), "utility_loss": {"mean": utility}},
+                        "w4a8:g32": {"attack_success_rate": rate(attack)}},
+            "conditions": [{"label": "clean", "outcomes": {"overrefusal": overrefusal}},
+                           {"label": "w4a8:g32", "outcomes": {"attack_success": attack}}]}
+
+
+def _tuned_on_one_build(study: ModuleType, tmp_path: Path, monkeypatch) -> tuple[_FakeZorefine, Path]:
+    """A study prepared on machine 1, whose tuning saw the unrefined model fail on 4 of 32 prompts."""
+    import json
+
+    fake = _FakeZorefine(study)
+    monkeypatch.setattr(study.subprocess, "run", fake)
+    kept = tmp_path / "kept"
+    study.Study(tmp_path / "machine1", _aligned(tmp_path), target=study.TARGETS["smollm2"], kept=kept).prepare()
+    (kept / "tune" / "zo" / "c0").mkdir(parents=True)
+    before = _unrefined(attack=[1] * 4 + [0] * 28, overrefusal=[1] * 10 + [0] * 59)
+    (kept / "tune" / "zo" / "c0" / "metrics.json").write_text(json.dumps({"models": {"before": before}}))
+    _aligned(tmp_path, b"the same recipe, rounded by another CPU")
+    return fake, kept
+
+
+def test_a_rebuild_that_behaves_as_the_tuned_on_model_is_adopted_and_recorded(study, tmp_path, monkeypatch) -> None:
+    import json
+
+    fake, kept = _tuned_on_one_build(study, tmp_path, monkeypatch)
+    second = study.Study(tmp_path / "machine2", tmp_path / "aligned", target=study.TARGETS["smollm2"], kept=kept)
+    with pytest.raises(SystemExit, match="rebuild phase"):
+        second.prepare()
+    # One harmful prompt more gets through, another one less: within one prompt, so adopted.
+    fake.rebuilt = _unrefined(attack=[0] + [1] * 4 + [0] * 27, overrefusal=[1] * 10 + [0] * 59, utility=2.001)
+    check = second.rebuild()
+    assert check["accepted"] and check["outcomes_changed"] == 2 and check["outcomes_compared"] == 32 + 69
+    protocol = json.loads((kept / "protocol.json").read_text())
+    record = protocol["rebuilds"][-1]
+    assert protocol["inputs"] == record["inputs"] != record["replaces"] and record["cpu"]["torch_capability"]
+    second.prepare()  # now the study's build: no stop
+
+
+@pytest.mark.parametrize("moved", ["attack", "overrefusal", "utility"])
+def test_a_rebuild_that_behaves_otherwise_is_refused_and_the_study_keeps_its_model(study, tmp_path, monkeypatch, moved) -> None:
+    import json
+
+    fake, kept = _tuned_on_one_build(study, tmp_path, monkeypatch)
+    started = json.loads((kept / "protocol.json").read_text())["inputs"]
+    fake.rebuilt = _unrefined(attack=[1] * (6 if moved == "attack" else 4) + [0] * (26 if moved == "attack" else 28),
+                              overrefusal=[1] * (12 if moved == "overrefusal" else 10) + [0] * (57 if moved == "overrefusal" else 59),
+                              utility=2.01 if moved == "utility" else 2.0)
+    second = study.Study(tmp_path / "machine2", tmp_path / "aligned", target=study.TARGETS["smollm2"], kept=kept)
+    with pytest.raises(SystemExit, match="does not behave as the one tuning ran on"):
+        second.rebuild()
+    protocol = json.loads((kept / "protocol.json").read_text())
+    assert protocol["inputs"] == started and protocol["rebuilds"][-1]["accepted"] is False
+    with pytest.raises(SystemExit, match="not the files this study started with"):
+        second.prepare()
 
 
 def _code_tree(root: Path, engine: str) -> Path:

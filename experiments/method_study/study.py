@@ -17,6 +17,9 @@ its digest: a later session runs the study from a worktree of the commit it star
   rule; both, with the SHA-256 of the aligned weights, the layer selection and the unit masks,
   written to ``protocol.json``. Run again on a new machine it rebuilds the local files and
   stops if any digest differs from the kept protocol (``tune`` and ``test`` run it first);
+- ``rebuild``: on a machine whose build of the aligned model differs in its last bits (another
+  CPU type), checks the unrefined build on the tuning evaluation against the tuned-on one and,
+  by the protocol's rule, adopts it (``protocol.json``, ``rebuilds``);
 - ``tune``: every method's 4 configurations at the small budget, refinement seed 0, ``val``;
 - ``select``: each method's configuration by the protocol's rule (``OUT/selected.json``); the
   ``zo_random`` control takes ``zo``'s;
@@ -303,7 +306,8 @@ class Study:
 
     # Phases.
 
-    def prepare(self) -> None:
+    def build_inputs(self) -> None:
+        """The layer ranking and the unit masks of the aligned model, on this machine."""
         prepare = self.out / "prepare"
         if not self.dry_run and not (self.aligned / "model.safetensors").is_file():
             raise SystemExit(f"{self.aligned} holds no model.safetensors: build the aligned model first (docs/method-study.md, Model)")
@@ -313,6 +317,10 @@ class Study:
             self.job(prepare / f"units_{method}", {"stages": "[analyze]", "analyze.method": method,
                                                    "analyze.units.ablation_prompts": "1", "analyze.units.ablation_draws": "1"},
                      "units.safetensors", local=True)
+
+    def prepare(self) -> None:
+        prepare = self.out / "prepare"
+        self.build_inputs()
         if self.dry_run:
             return
         digests = self.input_digests()
@@ -323,13 +331,48 @@ class Study:
             if changed:
                 files = ", ".join(str(self.input_files()[name]) for name in changed)
                 raise SystemExit(f"{files}: not the files this study started with ({started}); rebuild the aligned model "
-                                 "with the protocol's command, or start a new study with another --out and --kept")
+                                 "with the protocol's command on the study's CPU type, check this build against it with "
+                                 "the rebuild phase (docs/method-study.md, Model), or start a new study with another --out and --kept")
             self.check_code(protocol.get("code"))
             self.write_protocol(protocol)
             return
         anoise, calibration = self.calibrate_anoise(prepare)
         code = {"commit": code_commit(self.code_root), "digest": code_digest(self.code_root)}
         self.write_protocol({"anoise": anoise, "calibration": calibration, "inputs": digests, "code": code})
+
+    def rebuild(self) -> dict:
+        """Adopt this machine's build of the aligned model if it behaves as the one tuning ran on.
+
+        A rebuild on another CPU type differs in its last bits (other SIMD kernels), so its digest
+        and its unit masks differ. By the protocol's rule (docs/method-study.md, Model) it replaces
+        the tuned-on build only when the layer selection is the same and the unrefined model, on
+        the tuning evaluation (same ``val`` prompts, same draws), agrees within one prompt; every
+        attempt is recorded in ``protocol.json`` under ``rebuilds``.
+        """
+        self.build_inputs()
+        if self.dry_run:
+            return {}
+        protocol = self.protocol()
+        digests = self.input_digests()
+        if digests == protocol["inputs"]:
+            return {"accepted": True, "reason": "the inputs are the ones the study started with"}
+        if digests["layers"] != protocol["inputs"]["layers"]:
+            raise SystemExit(f"{self.input_files()['layers']}: this build selects other layers than the one tuning ran on; "
+                             "its tuning does not carry over (start a new study with another --out and --kept)")
+        tuned_on = _read(self.result("tune", "zo", "c0", "metrics.json"))["models"]["before"]
+        check_dir = self.out / "prepare" / f"rebuild_{digests['aligned'][:12]}"
+        evaluation = self.target.tune_eval
+        self.job(check_dir, {"stages": "[evaluate]", **evaluation, **self.eval_grid(evaluation)}, "metrics.json")
+        rebuilt = next(iter(_read(self.result(*check_dir.relative_to(self.out).parts, "metrics.json"))["models"].values()))
+        check = rebuild_agreement(tuned_on, rebuilt)
+        protocol.setdefault("rebuilds", []).append({"cpu": cpu_description(), "replaces": protocol["inputs"], "inputs": digests, **check})
+        if check["accepted"]:
+            protocol["inputs"] = digests
+        self.write_protocol(protocol)
+        if not check["accepted"]:
+            raise SystemExit(f"this build of the aligned model does not behave as the one tuning ran on ({check}); "
+                             "its tuning does not carry over (start a new study with another --out and --kept)")
+        return check
 
     def check_code(self, code: dict | None) -> None:
         """Stop if this checkout's zorefine is not the one the study started with."""
@@ -404,6 +447,55 @@ class Study:
         self.job(self.out / "test" / "ssah_freeze", {"stages": "[evaluate]", **evaluation, "evaluate.sigmas": "[]",
                                                      "evaluate.quantization": f"[{attacks}]",
                                                      "evaluate.finetune_freeze": frozen}, "metrics.json")
+
+
+def _mean_attack(summary: dict) -> float:
+    threats = [group for group in summary if group != "clean"]
+    return sum(summary[g]["attack_success_rate"]["mean"] for g in threats) / len(threats)
+
+
+def rebuild_agreement(tuned_on: dict, rebuilt: dict) -> dict:
+    """How far a rebuilt unrefined model is from the tuned-on one on the same evaluation.
+
+    Accepted (the protocol's rule) when the mean attack success over the reference threats and
+    the clean over-refusal each move by at most one prompt of their set, and the clean utility
+    loss by at most a tenth of tuning's utility slack. Also counts the per-prompt outcomes that
+    changed, condition by condition (same prompts, same draws).
+    """
+    old, new = tuned_on["summary"], rebuilt["summary"]
+    changed = compared = 0
+    matched = {(c["label"], c.get("seed")): c for c in tuned_on["conditions"]}
+    for condition in rebuilt["conditions"]:
+        before = matched.get((condition["label"], condition.get("seed")))
+        for key, outcomes in (condition.get("outcomes") or {}).items() if before else ():
+            changed += sum(a != b for a, b in zip(outcomes, before["outcomes"][key]))
+            compared += len(outcomes)
+    clean = next(c for c in rebuilt["conditions"] if c["label"] == "clean")
+    threat = next(c for c in rebuilt["conditions"] if c["label"] != "clean")
+    one_prompt = {"attack": 1 / len(threat["outcomes"]["attack_success"]), "overrefusal": 1 / len(clean["outcomes"]["overrefusal"])}
+    moved = {"attack_success": _mean_attack(new) - _mean_attack(old),
+             "overrefusal": new["clean"]["overrefusal_rate"]["mean"] - old["clean"]["overrefusal_rate"]["mean"],
+             "utility_rise": new["clean"]["utility_loss"]["mean"] / old["clean"]["utility_loss"]["mean"] - 1}
+    accepted = (abs(moved["attack_success"]) <= one_prompt["attack"] + 1e-9
+                and abs(moved["overrefusal"]) <= one_prompt["overrefusal"] + 1e-9
+                and abs(moved["utility_rise"]) <= UTILITY_SLACK / 10)
+    return {"accepted": accepted, "moved": moved, "one_prompt": one_prompt,
+            "outcomes_changed": changed, "outcomes_compared": compared}
+
+
+def cpu_description() -> dict:
+    """The CPU a build ran on: what decides which SIMD kernels torch's arithmetic takes."""
+    import platform
+
+    import torch
+
+    names = [line.split(":", 1)[1].strip() for line in _text(Path("/proc/cpuinfo")).splitlines() if line.startswith("model name")]
+    return {"model": names[0] if names else platform.processor(), "l3": _text(Path("/sys/devices/system/cpu/cpu0/cache/index3/size")).strip(),
+            "torch_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
 
 
 def _read(path: Path) -> dict:
@@ -533,8 +625,7 @@ def _tuning_scores(metrics: dict) -> dict:
     """Mean attack success over the reference threats, and the clean changes, of one tuning run."""
     models = metrics["models"]
     before, after = models["before"]["summary"], models["after"]["summary"]
-    threats = [group for group in after if group != "clean"]  # the grid holds only the reference threats
-    attack = sum(after[g]["attack_success_rate"]["mean"] for g in threats) / len(threats)
+    attack = _mean_attack(after)  # the grid holds only the reference threats
     overrefusal_rise = after["clean"]["overrefusal_rate"]["mean"] - before["clean"]["overrefusal_rate"]["mean"]
     utility_rise = after["clean"]["utility_loss"]["mean"] / before["clean"]["utility_loss"]["mean"] - 1
     return {"attack_success": attack, "overrefusal_rise": overrefusal_rise, "utility_rise": utility_rise,
@@ -543,7 +634,7 @@ def _tuning_scores(metrics: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["prepare", "tune", "select", "test", "table", "collect", "plot"])
+    parser.add_argument("phase", choices=["prepare", "rebuild", "tune", "select", "test", "table", "collect", "plot"])
     parser.add_argument("--target", choices=sorted(TARGETS), default="smollm2", help="the model the study runs on")
     parser.add_argument("--out", type=Path, help="default: runs/method_study/TARGET")
     parser.add_argument("--aligned", type=Path, help="the aligned checkpoint (default: runs/smol/checkpoints/aligned "
