@@ -27,3 +27,7 @@ def test_zo_step_reports_every_engine_against_an_inference_forward(zo_step):
             assert results[f"{which}/{row}/step_over_forward"] > 1.0, (which, row)
         assert 0 < results[f"{which}/tiled_inplace/engine_share"] < 1
     assert results["top_half/tiled_inplace_cached/step_over_forward"] > 0
+    for which in ("full", "top_half", "default"):
+        # Paired rows: a step against a step, both positive and finite.
+        for row in ("speedup_vs_mezo", "defer_gain"):
+            assert 0 < results[f"{which}/{row}"] < float("inf"), (which, row)
