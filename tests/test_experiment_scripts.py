@@ -286,6 +286,26 @@ def test_the_study_table_plot_and_collection_read_the_test_runs(study, tmp_path)
     assert copied == 6 and not list((tmp_path / "kept").rglob("*.safetensors"))
 
 
+def test_the_target_is_met_only_when_zorefine_beats_every_tuned_baseline(study, tmp_path) -> None:
+    import json
+    import shutil
+
+    before = [1] * 8 + [0] * 8
+    runs = {"zo": [[0] * 16, [0] * 16], "sft": [before, before], "fo_threat": [[0] * 16, [0] * 16]}
+    for method, outcomes in runs.items():
+        for seed, attack in enumerate(outcomes):
+            directory = tmp_path / "test" / "small" / method / f"s{seed}"
+            directory.mkdir(parents=True)
+            (directory / "metrics.json").write_text(json.dumps(_test_run(attack, before)))
+    row = study.target_check(tmp_path)[0]
+    # −100% relative and clean use kept, but fo_threat does as well: no paired win, no target.
+    assert row["relative_cut"] == 1.0 and row["vs_unrefined"]["verdict"] == "better"
+    assert row["beats"] == ["sft"] and row["baseline_wins"] == [] and not row["target_met"]
+    shutil.rmtree(tmp_path / "test" / "small" / "fo_threat")
+    row = study.target_check(tmp_path)[0]
+    assert row["target_met"] and "**met**" in study.target_markdown([row])
+
+
 class _FakeZorefine:
     """Stands in for the ``zorefine`` command: writes the files each kind of study job leaves."""
 
