@@ -235,6 +235,22 @@ def test_the_random_layer_control_runs_the_configuration_selected_for_zo(study, 
         assert options["evaluate.split"] == "test"
 
 
+def test_the_test_phase_runs_every_method_s_first_seeds_before_the_main_rows_other_seeds(study, tmp_path, capsys) -> None:
+    _prepared(tmp_path)
+    _tuned(study, tmp_path, lambda index: _metrics(0.1, 0.10, 2.0))
+    runner = study.Study(tmp_path, tmp_path / "aligned", dry_run=True)
+    runner.select()
+    runner.test()
+    dirs = [Path(dict(t.split("=", 1) for t in line.split()[1:] if "=" in t)["hydra.run.dir"]) for line in capsys.readouterr().out.splitlines()]
+    runs = [d.relative_to(tmp_path / "test") for d in dirs if d.is_relative_to(tmp_path / "test")]
+    names = [m.name for m in study.methods(tmp_path)]
+    target = study.TARGETS["smollm2"]
+    first = [Path("small", name, f"s{seed}") for seed in range(target.other_seeds) for name in names]
+    assert runs[:len(first)] == first and runs[len(first)] == Path("ssah_freeze")
+    assert len(runs) == len(first) + 1 + 2 * (target.main_seeds - target.other_seeds) + 2 * target.main_seeds
+    assert all(r.parts[0] == "large" for r in runs[-2 * target.main_seeds:])
+
+
 def test_the_test_phase_reads_unit_masks_from_its_own_out_not_select_s(study, tmp_path, capsys) -> None:
     select_out, test_out = tmp_path / "select", tmp_path / "test"
     for out in (select_out, test_out):

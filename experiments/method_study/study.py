@@ -430,17 +430,23 @@ class Study:
         selected = _read(self.result("selected.json"))
         evaluation = self.target.test_eval
         by_name = {method.name: method for method in self.methods()}
-        for method in by_name.values():
-            # Rebuilt from the index, not read from selected.json: its paths name the --out that
-            # select ran with, and test may run on another machine with another --out.
-            config = by_name[method.tuned_as or method.name].configs[selected[method.name]["config"]]
-            seeds = self.target.main_seeds if method.name in MAIN_ROWS else self.target.other_seeds
-            for seed in range(seeds):
-                self.refine_job(self.out / "test" / "small" / method.name / f"s{seed}", method, config, seed, 1, evaluation)
-            if method.name in MAIN_ROWS:
-                for seed in range(seeds):
-                    self.refine_job(self.out / "test" / "large" / method.name / f"s{seed}", method, config, seed, LARGE_FACTOR, evaluation)
-        # SSAH's defence against the fine-tuning threat: the unrefined model, SCU + CU frozen while it trains.
+        # Rebuilt from the index, not read from selected.json: its paths name the --out that
+        # select ran with, and test may run on another machine with another --out.
+        configs = {name: by_name[m.tuned_as or name].configs[selected[name]["config"]] for name, m in by_name.items()}
+        # Every method's first seeds come first, then the main rows' other seeds, then the large
+        # budget: a study cut off by the end of its sessions has the whole small comparison first.
+        def run(jobs: list[tuple[str, str, int]]) -> None:
+            for budget, name, seed in jobs:
+                factor = 1 if budget == "small" else LARGE_FACTOR
+                self.refine_job(self.out / "test" / budget / name / f"s{seed}", by_name[name], configs[name], seed, factor, evaluation)
+
+        run([("small", name, seed) for seed in range(self.target.other_seeds) for name in by_name])
+        self.ssah_freeze_job(evaluation)
+        run([("small", name, seed) for name in MAIN_ROWS for seed in range(self.target.other_seeds, self.target.main_seeds)])
+        run([("large", name, seed) for name in MAIN_ROWS for seed in range(self.target.main_seeds)])
+
+    def ssah_freeze_job(self, evaluation: dict[str, str]) -> None:
+        """SSAH's defence against the fine-tuning threat: the unrefined model, SCU + CU frozen while it trains."""
         frozen = f"{self.out / 'prepare' / 'units_ssah' / 'units.safetensors'}:scu+cu"
         draws = min(int(evaluation["evaluate.seeds"]), self.target.finetune_draws)
         attacks = ",".join(f"'{self.target.finetune_threat}:seed={i}'" for i in range(draws))
