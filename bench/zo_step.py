@@ -22,7 +22,8 @@ decoder layers, where the prefix cache has nothing to skip):
 - ``mezo/step_over_forward``: the MeZO-faithful step (Malladi et al. 2023: one global seed per
   step, each pass redraws every tensor's Gaussian z in order from it; four passes per step,
   +ε, −2ε, +ε restore, update; out-of-place adds; no prefix cache);
-- ``gaussian/step_over_forward``, ``rademacher/step_over_forward`` (the default engine),
+- ``gaussian/step_over_forward``, ``gaussian_inplace/step_over_forward`` (``store="inplace"``),
+  ``rademacher/step_over_forward`` (the default engine),
   ``rademacher_compensated/step_over_forward`` (``store="compensated"``): zorefine's steps;
 - ``rademacher_inplace/step_over_forward`` (``store="inplace"``: no copy of θ at all);
 - ``tiled_inplace/step_over_forward`` (``direction="tiled"``, ``store="inplace"``: ±1 blocks read
@@ -34,7 +35,10 @@ decoder layers, where the prefix cache has nothing to skip):
 - ``*_cached/step_over_forward``: the same with the prefix cache, capture included (``top_half``);
 - ``speedup_vs_mezo``: a MeZO step ÷ a zorefine Gaussian step run just before it (paired, median
   of ``repeats`` pairs; the two ``step_over_forward`` rows are each paired with the forward
-  instead, so their quotient can differ a little); ``rademacher_gain`` = gaussian ÷ rademacher;
+  instead, so their quotient can differ a little); ``speedup_vs_mezo_inplace``: the same against
+  zorefine's Gaussian step with ``store="inplace"``, which like MeZO keeps no copy of θ and moves
+  the weights themselves (the default ``copy`` store also reads and writes an fp32 master copy);
+  ``rademacher_gain`` = gaussian ÷ rademacher;
   ``cache_gain`` = rademacher ÷ rademacher_cached;
 - ``rademacher/engine_share``: the share of the default step spent outside forward passes
   (drawing directions, writing weights), measured as the step with a free loss ÷ the real step
@@ -232,7 +236,8 @@ def measure(model_name: str, batch: int, seq: int, repeats: int, device: str | N
     for which in SELECTIONS:
         first = first_refined_layer(model, which)
         rows = {"mezo": ratio(steps.mezo(which))}
-        for tag, direction, store in (("gaussian", "gaussian", "copy"), ("rademacher", "rademacher", "copy"),
+        for tag, direction, store in (("gaussian", "gaussian", "copy"), ("gaussian_inplace", "gaussian", "inplace"),
+                                      ("rademacher", "rademacher", "copy"),
                                       ("rademacher_compensated", "rademacher", "compensated"),
                                       ("rademacher_inplace", "rademacher", "inplace"),
                                       ("tiled_inplace", "tiled", "inplace")):
@@ -253,9 +258,10 @@ def measure(model_name: str, batch: int, seq: int, repeats: int, device: str | N
             results[f"{which}/{tag}/step_over_forward"] = value
         # Paired like the shares: the verdict rests on this figure, and a quotient of two ratios
         # measured minutes apart carries both their noises.
-        gaussian = steps.engine(which, "gaussian", "copy")
-        results[f"{which}/speedup_vs_mezo"] = clock.ratio(steps.mezo(which), steps.zo(gaussian), repeats)
-        gaussian.restore()
+        for store, key in (("copy", "speedup_vs_mezo"), ("inplace", "speedup_vs_mezo_inplace")):
+            gaussian = steps.engine(which, "gaussian", store)
+            results[f"{which}/{key}"] = clock.ratio(steps.mezo(which), steps.zo(gaussian), repeats)
+            gaussian.restore()
         results[f"{which}/rademacher_gain"] = rows["gaussian"] / rows["rademacher"]
         if first:
             results[f"{which}/cache_gain"] = rows["rademacher"] / rows["rademacher_cached"]
