@@ -390,6 +390,34 @@ def test_the_study_survives_a_new_machine_from_its_kept_record(study, tmp_path, 
     assert second.select()["zo"]["kept_clean"] and (kept / "selected.json").is_file()
 
 
+def test_replay_rebuilds_each_kept_refinement_and_checks_its_bits(study, tmp_path, monkeypatch) -> None:
+    import json
+    import types
+
+    fake = _FakeZorefine(study)
+    monkeypatch.setattr(study.subprocess, "run", fake)
+    kept = tmp_path / "kept"
+    runner = study.Study(tmp_path / "machine1", _aligned(tmp_path), target=study.TARGETS["smollm2"], kept=kept)
+    runner.tune()
+    records = sorted(kept.rglob("refined.json"))
+    assert len(records) == 28 and not list(kept.rglob("*.safetensors"))
+    # One job's weights were not what its trajectory rebuilds.
+    records[0].write_text(json.dumps({**json.loads(records[0].read_text()), "sha256": "0" * 64}))
+    replays = []
+
+    def replay(command, stdout=None, stderr=None, text=None, env=None):
+        assert command[0] == "zorefine-replay" and str(study.REPO) in env["PYTHONPATH"]
+        replays.append(command)
+        Path(command[3], "model.safetensors").write_bytes(b"refined weights")
+        return types.SimpleNamespace(returncode=0, stdout="")
+
+    monkeypatch.setattr(study.subprocess, "run", replay)
+    checks = runner.replay()
+    assert len(replays) == 28 and sum(not c["bit_identical"] for c in checks.values()) == 1
+    assert not checks[str(records[0].parent.relative_to(kept))]["bit_identical"]
+    assert json.loads((kept / "replay.json").read_text()) == checks
+
+
 def test_the_study_stops_when_a_rebuilt_input_differs_from_the_one_it_started_with(study, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(study.subprocess, "run", _FakeZorefine(study))
     kept = tmp_path / "kept"

@@ -25,6 +25,9 @@ its digest: a later session runs the study from a worktree of the commit it star
   ``zo_random`` control takes ``zo``'s;
 - ``test``: the selected configurations on ``test``, main rows × 5 refinement seeds, others × 2,
   at the small budget, and the main rows at the large one;
+- ``replay``: rebuilds every kept ZO refinement from the aligned model and its kept trajectory
+  with ``zorefine-replay`` and checks the weights' SHA-256 against the one kept when the job ran
+  (``KEPT/replay.json``);
 - ``collect``: copies the small files of jobs run before keeping was automatic into ``KEPT``;
 - ``plot``: the trade-off plot (``KEPT/tradeoff.png``): attack success under each reference
   threat against clean over-refusal, one point per method and budget, intervals over seeds;
@@ -221,12 +224,53 @@ class Study:
         return self.kept.joinpath(*parts)
 
     def keep(self, directory: Path) -> None:
-        """Copy a finished job's small files to the kept record and drop its checkpoints."""
+        """Copy a finished job's small files to the kept record and drop its checkpoints.
+
+        The refined weights' SHA-256 is kept (``refined.json``): ``replay`` rebuilds them from the
+        aligned model and the kept trajectory and checks they are the same bits.
+        """
         kept = self.kept_dir(directory)
         if kept is None:
             return
+        refined = directory / "checkpoints" / "refined" / "model.safetensors"
+        if refined.is_file():
+            from zorefine.models.fingerprint import file_digest
+
+            (directory / "refined.json").write_text(json.dumps({"sha256": file_digest(refined),
+                                                                "aligned": file_digest(self.aligned / "model.safetensors")}))
         collect(directory, kept)
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+
+    def replay(self) -> dict:
+        """Rebuild every kept ZO refinement with ``zorefine-replay`` and compare it bit for bit.
+
+        Written to ``KEPT/replay.json``: per job, whether the rebuilt weights' SHA-256 is the one
+        recorded when the job ran, and how long the replay took. Jobs whose aligned model was
+        another build (another CPU type) are left out: their trajectories replay onto that build.
+        """
+        import tempfile
+        import time
+
+        from zorefine.models.fingerprint import file_digest
+
+        aligned = file_digest(self.aligned / "model.safetensors")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.code_root), os.environ.get("PYTHONPATH")]))}
+        checks = {}
+        for record in sorted(self.kept.rglob("refined.json")):
+            job = record.parent
+            if json.loads(record.read_text())["aligned"] != aligned or not (job / "trajectory.jsonl").is_file():
+                continue
+            with tempfile.TemporaryDirectory() as rebuilt:
+                start = time.perf_counter()
+                result = subprocess.run(["zorefine-replay", str(self.aligned), str(job / "trajectory.jsonl"), rebuilt],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                weights = Path(rebuilt) / "model.safetensors"
+                same = result.returncode == 0 and weights.is_file() and file_digest(weights) == json.loads(record.read_text())["sha256"]
+                checks[str(job.relative_to(self.kept))] = {"bit_identical": same, "seconds": round(time.perf_counter() - start, 1),
+                                                           **({} if result.returncode == 0 else {"error": result.stdout[-500:]})}
+            print(json.dumps({str(job.relative_to(self.kept)): checks[str(job.relative_to(self.kept))]}), flush=True)
+        (self.kept / "replay.json").write_text(json.dumps(checks, indent=1))
+        return checks
 
     def job(self, directory: Path, overrides: dict[str, str], done: str, local: bool = False) -> None:
         """One zorefine run in ``directory``, unless it has finished (here, or in the kept record).
@@ -628,7 +672,7 @@ def _mean(values) -> float:
 
 
 KEPT_FILES = ("trajectory.jsonl", "refine.json", "metrics.json", "report.md", "selection.json", "sensitivity.json",
-              "units.json", "protocol.json", "selected.json")
+              "units.json", "protocol.json", "selected.json", "refined.json")
 
 
 def collect(out: Path, into: Path) -> int:
@@ -714,7 +758,7 @@ def _tuning_scores(metrics: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["prepare", "rebuild", "tune", "select", "test", "table", "collect", "plot"])
+    parser.add_argument("phase", choices=["prepare", "rebuild", "tune", "select", "test", "replay", "table", "collect", "plot"])
     parser.add_argument("--target", choices=sorted(TARGETS), default="smollm2", help="the model the study runs on")
     parser.add_argument("--out", type=Path, help="default: runs/method_study/TARGET")
     parser.add_argument("--aligned", type=Path, help="the aligned checkpoint (default: runs/smol/checkpoints/aligned "
