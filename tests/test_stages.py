@@ -156,6 +156,43 @@ def test_killed_refine_resumes_bit_identical(micro_checkpoint, tmp_path, monkeyp
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_a_killed_evaluation_resumes_with_the_conditions_it_had_measured(micro_checkpoint, tmp_path, monkeypatch):
+    from zorefine.evaluate import robustness
+
+    overrides = {"evaluate.sigmas": "[0.1]", "evaluate.seeds": 2, "evaluate.quantization": "[rtn:int8]"}
+    evaluate.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "whole"))
+    original, measured = robustness.measure, []
+
+    def dies_on_the_third_condition(model, tokenizer, sets, judge, condition, *args, **kwargs):
+        measured.append(condition.label)
+        if len(measured) == 3:
+            raise KeyboardInterrupt
+        return original(model, tokenizer, sets, judge, condition, *args, **kwargs)
+
+    monkeypatch.setattr(robustness, "measure", dies_on_the_third_condition)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "killed"))
+    assert len((tmp_path / "killed" / "evaluate-model.partial.jsonl").read_text().splitlines()) == 1 + 2
+    measured.clear()
+    monkeypatch.setattr(robustness, "measure", lambda *a, **k: measured.append(a[4].label) or original(*a, **k))
+    evaluate.run(Run(make_cfg(micro_checkpoint, **overrides), tmp_path / "killed"))
+    # Clean and the first noise draw were read back; the second draw and int8 measured anew.
+    assert len(measured) == 2 and not (tmp_path / "killed" / "evaluate-model.partial.jsonl").exists()
+    whole, resumed = (json.loads((tmp_path / d / "metrics.json").read_text())["models"]["model"] for d in ("whole", "killed"))
+    assert whole["conditions"] == resumed["conditions"] and whole["summary"] == resumed["summary"]
+
+
+def test_a_partial_evaluation_of_other_settings_is_measured_anew(micro_checkpoint, tmp_path):
+    from zorefine.evaluate.partial import ConditionLog
+    from zorefine.evaluate.robustness import ConditionResult
+
+    stale = ConditionLog(tmp_path / "evaluate-model.partial.jsonl", "another evaluation's key")
+    stale.record(ConditionResult("clean", "clean", None, None, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 9.0, 9.0))
+    evaluate.run(Run(make_cfg(micro_checkpoint), tmp_path))
+    clean = json.loads((tmp_path / "metrics.json").read_text())["models"]["model"]["summary"]["clean"]
+    assert clean["safety_loss"]["mean"] != 9.0
+
+
 def test_evaluate_writes_metrics_report_and_plot(micro_checkpoint, tmp_path):
     run = Run(make_cfg(micro_checkpoint), tmp_path)
     evaluate.run(run)

@@ -6,7 +6,7 @@ import contextlib
 import difflib
 import random
 from dataclasses import asdict, dataclass, field, replace
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -207,11 +207,16 @@ def evaluate_grid(
     desc: str = "evaluate",
     clean_sets: EvalSets | None = None,
     fluency_max_nll: float | None = None,
+    measured: Callable[[Condition], ConditionResult | None] | None = None,
+    on_measured: Callable[[ConditionResult], None] | None = None,
 ) -> list[ConditionResult]:
     """Measure the model under every condition; weights are restored exactly after each.
 
     ``clean_sets`` (default: ``sets``) lets the clean condition, the headline number and a
     single cell, use every held-out prompt while the threat grid uses a subsample.
+    ``measured`` returns a condition's result from an interrupted run (measured again when it
+    returns None) and ``on_measured`` receives each newly measured one
+    (:class:`zorefine.evaluate.partial.ConditionLog`).
     """
     processes = distributed.current()
     # What the threatened answers are compared with: the clean model's, on the grid's prompts
@@ -221,6 +226,10 @@ def evaluate_grid(
     progress = tqdm(total=len(processes.shard(grid)), desc=desc, disable=not processes.is_main)
 
     def measure_condition(condition: Condition) -> ConditionResult:
+        earlier = measured(condition) if measured is not None else None
+        if earlier is not None:
+            progress.update()
+            return earlier
         if condition.threat is None:
             result = measure(model, tokenizer, clean_sets or sets, judge, condition, max_new_tokens, batch_size,
                              max_length, keep_samples=5, fluency_max_nll=fluency_max_nll)
@@ -228,6 +237,8 @@ def evaluate_grid(
         else:
             result = measure(model, tokenizer, sets, judge, condition, max_new_tokens, batch_size, max_length,
                              reference_answers=references, fluency_max_nll=fluency_max_nll)
+        if on_measured is not None:
+            on_measured(result)
         progress.update()
         return result
 

@@ -22,6 +22,7 @@ from zorefine.models.loading import write_json_atomic
 from zorefine.models.param_masks import named_sets
 from zorefine.run import METRICS_FILE, Run
 from zorefine.evaluate.paired import OUTCOMES, paired_differences
+from zorefine.evaluate.partial import ConditionLog
 from zorefine.evaluate.report import write_report
 from zorefine.evaluate.curves import (
     break_level_interval,
@@ -108,18 +109,25 @@ def evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: 
     model every job of a sweep starts from) is read back instead of evaluated again.
     """
     cfg = run.cfg.evaluate
-    cached = Path(cfg.cache_dir) / f"{evaluation_key(run, checkpoint)}.json" if cfg.cache_dir else None
+    key = evaluation_key(run, checkpoint)
+    cached = Path(cfg.cache_dir) / f"{key}.json" if cfg.cache_dir else None
     if cached is not None and cached.is_file():
         log.info("[evaluate] %s: reusing the evaluation cached at %s", name, cached)
         stored = with_current_intervals(json.loads(cached.read_text()), cfg.break_fraction)
         return {**stored, "checkpoint": str(checkpoint), "cached_from": str(cached)}
-    result = _evaluate_checkpoint(run, checkpoint, sets, clean_sets, name)
+    # A killed run resumes condition by condition (one process only: under a launcher each
+    # process measures its own share of the grid, and only the main one could write the log).
+    conditions = None if run.processes.distributed else ConditionLog(run.run_dir / f"evaluate-{name}.partial.jsonl", key)
+    result = _evaluate_checkpoint(run, checkpoint, sets, clean_sets, name, conditions)
     if cached is not None and run.processes.is_main:
         write_json_atomic(cached, result)
+    if conditions is not None:
+        conditions.close()
     return result
 
 
-def _evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: EvalSets, name: str) -> dict[str, Any]:
+def _evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: EvalSets, name: str,
+                         conditions: ConditionLog | None = None) -> dict[str, Any]:
     cfg = run.cfg.evaluate
     model, tokenizer = run.load_model(checkpoint)
     # Validation and test draw from their own noise streams: nothing tuned on val saw a test draw.
@@ -130,6 +138,7 @@ def _evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets:
     results = evaluate_grid(
         model, tokenizer, sets, configured_judge(cfg.judge, cfg.judge_path), grid, cfg.max_new_tokens, cfg.batch_size,
         run.cfg.data.max_length, desc=f"evaluate {name}", clean_sets=clean_sets, fluency_max_nll=cfg.fluency_max_nll,
+        measured=conditions.lookup if conditions else None, on_measured=conditions.record if conditions else None,
     )
     summary = summarize(results)
     refusal_sigma = break_sigma(summary, "harmful_refusal_rate", cfg.break_fraction)
