@@ -364,14 +364,20 @@ def _aligned(tmp_path: Path, weights: bytes = b"aligned weights") -> Path:
     return tmp_path / "aligned"
 
 
-def test_the_study_survives_a_new_machine_from_its_kept_record(study, tmp_path, monkeypatch) -> None:
-    import json
-
+def _tuned_on_machine_one(study: ModuleType, tmp_path: Path, monkeypatch):
+    """Every tuning job run on machine 1 by the fake zorefine, kept in ``tmp_path/kept``."""
     fake = _FakeZorefine(study)
     monkeypatch.setattr(study.subprocess, "run", fake)
     kept = tmp_path / "kept"
-    first = study.Study(tmp_path / "machine1", _aligned(tmp_path), target=study.TARGETS["smollm2"], kept=kept)
-    first.tune()
+    runner = study.Study(tmp_path / "machine1", _aligned(tmp_path), target=study.TARGETS["smollm2"], kept=kept)
+    runner.tune()
+    return fake, kept, runner
+
+
+def test_the_study_survives_a_new_machine_from_its_kept_record(study, tmp_path, monkeypatch) -> None:
+    import json
+
+    fake, kept, first = _tuned_on_machine_one(study, tmp_path, monkeypatch)
     protocol = json.loads((kept / "protocol.json").read_text())
     # The rule: the largest candidate with few degenerate answers.
     assert protocol["anoise"] == 0.02 and set(protocol["inputs"]) == {"aligned", "layers", "units_ssah", "units_wanda_diff"}
@@ -394,11 +400,7 @@ def test_replay_rebuilds_each_kept_refinement_and_checks_its_bits(study, tmp_pat
     import json
     import types
 
-    fake = _FakeZorefine(study)
-    monkeypatch.setattr(study.subprocess, "run", fake)
-    kept = tmp_path / "kept"
-    runner = study.Study(tmp_path / "machine1", _aligned(tmp_path), target=study.TARGETS["smollm2"], kept=kept)
-    runner.tune()
+    _, kept, runner = _tuned_on_machine_one(study, tmp_path, monkeypatch)
     records = sorted(kept.rglob("refined.json"))
     assert len(records) == 28 and not list(kept.rglob("*.safetensors"))
     # One job's weights were not what its trajectory rebuilds.
