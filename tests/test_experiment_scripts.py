@@ -471,6 +471,67 @@ def test_a_rebuild_that_behaves_as_the_tuned_on_model_is_adopted_and_recorded(st
     second.prepare()  # now the study's build: no stop
 
 
+def test_test_may_run_on_any_adopted_build_and_each_job_records_its_own(study, tmp_path, monkeypatch) -> None:
+    import hashlib
+    import json
+
+    fake, kept = _tuned_on_one_build(study, tmp_path, monkeypatch)
+    fake.rebuilt = _unrefined(attack=[1] * 4 + [0] * 28, overrefusal=[1] * 10 + [0] * 59)
+    assert study.Study(tmp_path / "machine2", tmp_path / "aligned", target=study.TARGETS["smollm2"], kept=kept).rebuild()["accepted"]
+    # Machine 3 has machine 1's CPU type again: its build is the tuned-on one, adopted without a new check.
+    _aligned(tmp_path, b"aligned weights")
+    fake.calls.clear()
+    third = study.Study(tmp_path / "machine3", tmp_path / "aligned", target=study.TARGETS["smollm2"], kept=kept)
+    assert "adopted earlier" in third.rebuild()["reason"]
+    assert not any(run.name.startswith("rebuild_") for run in fake.calls)
+    third.prepare()
+    # A job kept on machine 3 says which build it ran on.
+    third.job(tmp_path / "machine3" / "test" / "small" / "zo" / "s0", {"stages": "[refine,evaluate]"}, "metrics.json")
+    record = kept / "test" / "small" / "zo" / "s0"
+    assert study.job_build(record) == hashlib.sha256(b"aligned weights").hexdigest()
+    assert json.loads((record / "build.json").read_text())["cpu"]["torch_capability"]
+
+
+def test_methods_on_two_builds_are_compared_change_for_change(study, tmp_path) -> None:
+    import json
+
+    # zo ran on a build that lets 8 of 16 prompts through and cut that to 4; sft ran on a build
+    # that lets 4 through and changed nothing. Their attacked models agree, their changes do not.
+    for method, before, after in (("zo", [1] * 8 + [0] * 8, [1] * 4 + [0] * 12), ("sft", [1] * 4 + [0] * 12, [1] * 4 + [0] * 12)):
+        directory = tmp_path / "test" / "small" / method / "s0"
+        directory.mkdir(parents=True)
+        (directory / "metrics.json").write_text(json.dumps(_test_run(after, before)))
+    zo, sft = (study._load_runs(tmp_path / "test" / "small" / m) for m in ("zo", "sft"))
+    assert study.change_differences(zo, sft)["w4a8:g32"]["mean"] == pytest.approx(-0.25)
+    row = study.target_check(tmp_path)[0]
+    assert row["beats"] == ["sft"] and row["unrefined"] == 0.5
+    # On one build the change-for-change difference is the paired difference of the attacked models.
+    from zorefine.evaluate.paired import paired_differences
+
+    same = [{"before": zo[0]["before"], "after": sft[0]["after"]}]
+    assert study.change_differences(zo, same) == paired_differences([zo[0]["after"]], [sft[0]["after"]])
+
+
+def test_ssah_freezing_is_compared_through_the_unrefined_model_of_its_own_build(study, tmp_path) -> None:
+    import json
+
+    zo = tmp_path / "test" / "small" / "zo" / "s0"
+    zo.mkdir(parents=True)
+    (zo / "metrics.json").write_text(json.dumps(_test_run([0] * 16, [1] * 8 + [0] * 8)))
+    (zo / "refined.json").write_text(json.dumps({"sha256": "r", "aligned": "build A"}))
+    frozen = tmp_path / "test" / "ssah_freeze"
+    frozen.mkdir(parents=True)
+    (frozen / "metrics.json").write_text(json.dumps({"models": {"model": _test_run([1] * 8 + [0] * 8, [0])["models"]["after"]}}))
+    (frozen / "build.json").write_text(json.dumps({"aligned": "build A"}))
+    row = study.target_check(tmp_path)[0]
+    assert row["beats"] == ["ssah_freeze"] and row["plain_pairing"] == []
+    # Frozen on a build no test job ran on: only the attacked models can be paired, and the table says so.
+    (frozen / "build.json").write_text(json.dumps({"aligned": "build B"}))
+    row = study.target_check(tmp_path)[0]
+    assert row["beats"] == ["ssah_freeze"] and row["plain_pairing"] == ["ssah_freeze"]
+    assert "attacked models alone" in study.target_markdown([row])
+
+
 @pytest.mark.parametrize("moved", ["attack", "overrefusal", "utility"])
 def test_a_rebuild_that_behaves_otherwise_is_refused_and_the_study_keeps_its_model(study, tmp_path, monkeypatch, moved) -> None:
     import json

@@ -232,14 +232,24 @@ class Study:
         kept = self.kept_dir(directory)
         if kept is None:
             return
+        from zorefine.models.fingerprint import file_digest
+
         refined = directory / "checkpoints" / "refined" / "model.safetensors"
         if refined.is_file():
-            from zorefine.models.fingerprint import file_digest
-
-            (directory / "refined.json").write_text(json.dumps({"sha256": file_digest(refined),
-                                                                "aligned": file_digest(self.aligned / "model.safetensors")}))
+            (directory / "refined.json").write_text(json.dumps({"sha256": file_digest(refined), "aligned": self.aligned_digest()}))
+        # Which build of the aligned model the job ran on: test may span CPU types (Model, 12-06 night).
+        if (self.aligned / "model.safetensors").is_file():
+            (directory / "build.json").write_text(json.dumps({"aligned": self.aligned_digest(), "cpu": cpu_description()}))
         collect(directory, kept)
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+
+    def aligned_digest(self) -> str:
+        """SHA-256 of this machine's aligned weights (read once: 0.5 GB)."""
+        if getattr(self, "_aligned_digest", None) is None:
+            from zorefine.models.fingerprint import file_digest
+
+            self._aligned_digest = file_digest(self.aligned / "model.safetensors")
+        return self._aligned_digest
 
     def replay(self) -> dict:
         """Rebuild every kept ZO refinement with ``zorefine-replay`` and compare it bit for bit.
@@ -253,7 +263,7 @@ class Study:
 
         from zorefine.models.fingerprint import file_digest
 
-        aligned = file_digest(self.aligned / "model.safetensors")
+        aligned = self.aligned_digest()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.code_root), os.environ.get("PYTHONPATH")]))}
         checks = {}
         for record in sorted(self.kept.rglob("refined.json")):
@@ -372,7 +382,7 @@ class Study:
         if started.is_file():
             protocol = json.loads(started.read_text())
             changed = [name for name, digest in protocol.get("inputs", {}).items() if digests.get(name) != digest]
-            if changed:
+            if changed and digests not in adopted_builds(protocol):
                 files = ", ".join(str(self.input_files()[name]) for name in changed)
                 raise SystemExit(f"{files}: not the files this study started with ({started}); rebuild the aligned model "
                                  "with the protocol's command on the study's CPU type, check this build against it with "
@@ -400,6 +410,8 @@ class Study:
         digests = self.input_digests()
         if digests == protocol["inputs"]:
             return {"accepted": True, "reason": "the inputs are the ones the study started with"}
+        if digests in adopted_builds(protocol):
+            return {"accepted": True, "reason": "this build was checked and adopted earlier (protocol.json, rebuilds)"}
         if digests["layers"] != protocol["inputs"]["layers"]:
             raise SystemExit(f"{self.input_files()['layers']}: this build selects other layers than the one tuning ran on; "
                              "its tuning does not carry over (start a new study with another --out and --kept)")
@@ -499,6 +511,13 @@ class Study:
                                                      "evaluate.finetune_freeze": frozen}, "metrics.json")
 
 
+def adopted_builds(protocol: dict) -> list[dict]:
+    """The builds of the study's inputs test may run on: the tuned-on one and every adopted rebuild."""
+    rebuilds = protocol.get("rebuilds", [])
+    tuned_on = rebuilds[0]["replaces"] if rebuilds else protocol["inputs"]
+    return [tuned_on, *(r["inputs"] for r in rebuilds if r.get("accepted"))]
+
+
 def _mean_attack(summary: dict) -> float:
     threats = [group for group in summary if group != "clean"]
     return sum(summary[g]["attack_success_rate"]["mean"] for g in threats) / len(threats)
@@ -558,6 +577,74 @@ def _load_runs(directory: Path) -> list[dict]:
     return [json.loads(f.read_text())["models"] for f in sorted(directory.glob("s*/metrics.json"))]
 
 
+def job_build(directory: Path) -> str | None:
+    """The SHA-256 of the aligned build a kept job ran on (None: not recorded)."""
+    for name in ("build.json", "refined.json"):
+        if (directory / name).is_file():
+            return json.loads((directory / name).read_text()).get("aligned")
+    return None
+
+
+def change_differences(ours: list[dict], theirs: list[dict], outcome: str = "attack_success") -> dict[str, dict]:
+    """Paired difference of two methods' changes, ``(after − before)`` of ours minus theirs, per threat.
+
+    Each job's ``before`` is the unrefined model of the build it ran on, on the same prompts and
+    draws, so a difference between builds (another CPU type's last bits) cancels. When both jobs
+    ran on one build this is exactly the paired difference of the two ``after`` models. Pooled
+    over refinement seeds (seed r with seed r; a single reference pairs with every seed).
+    """
+    import numpy as np
+
+    from zorefine.evaluate.paired import outcome_arrays
+    from zorefine.stats import hierarchical_bootstrap, paired_verdict
+
+    def change(models: dict) -> dict:
+        after, before = outcome_arrays(models["after"], outcome), outcome_arrays(models["before"], outcome)
+        return {g: after[g] - before[g] for g in after if g in before and after[g].shape == before[g].shape}
+
+    if len(theirs) == 1:
+        theirs = list(theirs) * len(ours)
+    tables = [(change(a), change(b)) for a, b in zip(ours, theirs)]
+    if not tables:
+        return {}
+    first = tables[0][0]
+    groups = [g for g in first if all(g in a and g in b and a[g].shape == b[g].shape == first[g].shape for a, b in tables)]
+    paired = {}
+    for group in groups:
+        interval = hierarchical_bootstrap(np.stack([a[group] - b[group] for a, b in tables]))
+        paired[group] = {**interval, "refinement_seeds": len(tables), "verdict": paired_verdict(interval)}
+    return paired
+
+
+def frozen_run(out: Path) -> dict | None:
+    """The SSAH-freezing job as a change from the unrefined model of its own build, or None if not run.
+
+    Its job evaluates only the frozen fine-tuning attack; the unrefined model under the same
+    attack is the ``before`` of any test job on the same build. With none, ``before`` is absent
+    and only the plain difference of the two attacked models can be formed.
+    """
+    directory = out / "test" / "ssah_freeze"
+    if not (directory / "metrics.json").is_file():
+        return None
+    frozen = next(iter(_read(directory / "metrics.json")["models"].values()))
+    build = job_build(directory)
+    for job in sorted((out / "test").glob("*/*/s*")):
+        if build is not None and job_build(job) == build and (job / "metrics.json").is_file():
+            return {"before": _read(job / "metrics.json")["models"]["before"], "after": frozen}
+    return {"after": frozen}
+
+
+def against_baseline(ours: list[dict], theirs: list[dict]) -> dict[str, dict]:
+    """Ours against a baseline: the change-for-change comparison, or (no unrefined of the
+    baseline's build on record) the plain paired difference of the attacked models."""
+    if all("before" in m for m in theirs):
+        return change_differences(ours, theirs)
+    from zorefine.evaluate.paired import paired_differences
+
+    plain = paired_differences([m["after"] for m in ours], [m["after"] for m in theirs])
+    return {group: {**cell, "pairing": "attacked models"} for group, cell in plain.items()}
+
+
 def _cell(paired: dict, group: str) -> str:
     cell = paired.get(group)
     return "–" if not cell else f"{cell['mean']:+.3f} [{cell['low']:+.3f}, {cell['high']:+.3f}] {cell['verdict']}"
@@ -579,14 +666,16 @@ def test_table(out: Path) -> str:
         groups = [g for g in next(iter(runs.values()))[0]["after"]["summary"] if g != "clean"]
         lines += [f"## {budget} budget", "", "| method | seeds | threat | attack success | vs unrefined | vs zo | clean over-refusal | clean utility loss |",
                   "|---|---|---|---|---|---|---|---|"]
-        first = next(iter(runs.values()))[0]["before"]["summary"]
+        # Each job's own unrefined build (one build: every job's before is the same model).
+        befores_all = [m["before"]["summary"] for models in runs.values() for m in models]
         for group in groups:
-            lines.append(f"| unrefined | – | {group} | {first[group]['attack_success_rate']['mean']:.3f} | – | – | "
-                         f"{first['clean']['overrefusal_rate']['mean']:.3f} | {first['clean']['utility_loss']['mean']:.3f} |")
+            lines.append(f"| unrefined | – | {group} | {_mean(b[group]['attack_success_rate']['mean'] for b in befores_all):.3f} | – | – | "
+                         f"{_mean(b['clean']['overrefusal_rate']['mean'] for b in befores_all):.3f} | "
+                         f"{_mean(b['clean']['utility_loss']['mean'] for b in befores_all):.3f} |")
         for name, models in runs.items():
             afters, befores = [m["after"] for m in models], [m["before"] for m in models]
             vs_none = paired_differences(afters, befores, "attack_success")
-            vs_zo = paired_differences(afters, [m["after"] for m in reference], "attack_success") if reference and name != "zo" else {}
+            vs_zo = change_differences(models, reference) if reference and name != "zo" else {}
             for group in groups:
                 mean = sum(a["summary"][group]["attack_success_rate"]["mean"] for a in afters) / len(afters)
                 clean = [a["summary"]["clean"] for a in afters]
@@ -618,9 +707,8 @@ def target_check(out: Path) -> list[dict]:
     """
     from zorefine.evaluate.paired import paired_differences
 
-    frozen = out / "test" / "ssah_freeze" / "metrics.json"
-    freeze = next(iter(json.loads(frozen.read_text())["models"].values())) if frozen.is_file() else None
-    baselines = {name: [m["after"] for m in models] for name, models in _budget_runs(out, "small").items() if name not in MAIN_ROWS}
+    freeze = frozen_run(out)
+    baselines = {name: models for name, models in _budget_runs(out, "small").items() if name not in MAIN_ROWS}
     rows = []
     for budget in ("small", "large"):
         runs = _budget_runs(out, budget)
@@ -628,14 +716,17 @@ def target_check(out: Path) -> list[dict]:
             afters, befores = [m["after"] for m in runs[ours]], [m["before"] for m in runs[ours]]
             vs_none = paired_differences(afters, befores)
             others = dict(baselines) if budget == "small" else {}
-            against = {name: paired_differences(afters, models) for name, models in others.items()}
+            against = {name: against_baseline(runs[ours], models) for name, models in others.items()}
             if freeze is not None and budget == "small":
-                against["ssah_freeze"] = paired_differences(afters, [freeze])
-            clean_before = befores[0]["summary"]["clean"]
-            overrefusal_rise = _mean(a["summary"]["clean"]["overrefusal_rate"]["mean"] for a in afters) - clean_before["overrefusal_rate"]["mean"]
-            utility_rise = _mean(a["summary"]["clean"]["utility_loss"]["mean"] for a in afters) / clean_before["utility_loss"]["mean"] - 1
+                against["ssah_freeze"] = against_baseline(runs[ours], [freeze])
+            # Each seed against its own build's unrefined model (one build: the same model each time).
+            def clean_mean(models: list[dict], metric: str) -> float:
+                return _mean(m["summary"]["clean"][metric]["mean"] for m in models)
+
+            overrefusal_rise = clean_mean(afters, "overrefusal_rate") - clean_mean(befores, "overrefusal_rate")
+            utility_rise = clean_mean(afters, "utility_loss") / clean_mean(befores, "utility_loss") - 1
             for group in (g for g in afters[0]["summary"] if g != "clean" and g in vs_none):
-                before = befores[0]["summary"][group]["attack_success_rate"]["mean"]
+                before = _mean(b["summary"][group]["attack_success_rate"]["mean"] for b in befores)
                 after = _mean(a["summary"][group]["attack_success_rate"]["mean"] for a in afters)
                 verdicts = {name: paired[group]["verdict"] for name, paired in against.items() if group in paired}
                 cut = 1 - after / before if before > 0 else None
@@ -647,6 +738,7 @@ def target_check(out: Path) -> list[dict]:
                              "overrefusal_rise": overrefusal_rise, "utility_rise": utility_rise,
                              "beats": sorted(n for n, v in verdicts.items() if v == "better"),
                              "baseline_wins": sorted(n for n, v in verdicts.items() if v == "worse"),
+                             "plain_pairing": sorted(n for n, paired in against.items() if paired.get(group, {}).get("pairing")),
                              "target_met": meets})
     return rows
 
@@ -663,6 +755,9 @@ def target_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['budget']} | {r['method']} | {r['threat']} | {r['unrefined']:.3f} | {r['attack_success']:.3f} | {cut} | "
                      f"{_cell({'g': r['vs_unrefined']}, 'g')} | {r['overrefusal_rise']:+.3f} | {r['utility_rise']:+.1%} | "
                      f"{', '.join(r['beats']) or '–'} | {', '.join(r['baseline_wins']) or '–'} | {'**met**' if r['target_met'] else 'not met'} |")
+    plain = sorted({name for r in rows for name in r.get("plain_pairing", [])})
+    if plain:
+        lines += ["", f"Compared by the attacked models alone (no unrefined model of their build on record): {', '.join(plain)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -672,7 +767,7 @@ def _mean(values) -> float:
 
 
 KEPT_FILES = ("trajectory.jsonl", "refine.json", "metrics.json", "report.md", "selection.json", "sensitivity.json",
-              "units.json", "protocol.json", "selected.json", "refined.json")
+              "units.json", "protocol.json", "selected.json", "refined.json", "build.json")
 
 
 def collect(out: Path, into: Path) -> int:
@@ -706,11 +801,11 @@ def tradeoff_points(out: Path) -> list[dict]:
                                "attack_success": float(attack.mean()), "attack_sd": float(attack.std()),
                                "overrefusal": float(over.mean()), "overrefusal_sd": float(over.std())})
             if budget == "small" and directory.name == "zo":
-                before = runs[0]["before"]["summary"]
-                for group in (g for g in before if g != "clean"):
+                befores = [m["before"]["summary"] for m in runs]
+                for group in (g for g in befores[0] if g != "clean"):
                     points.append({"budget": "-", "method": "unrefined", "threat": group, "seeds": 1,
-                                   "attack_success": before[group]["attack_success_rate"]["mean"], "attack_sd": 0.0,
-                                   "overrefusal": before["clean"]["overrefusal_rate"]["mean"], "overrefusal_sd": 0.0})
+                                   "attack_success": _mean(b[group]["attack_success_rate"]["mean"] for b in befores), "attack_sd": 0.0,
+                                   "overrefusal": _mean(b["clean"]["overrefusal_rate"]["mean"] for b in befores), "overrefusal_sd": 0.0})
     return points
 
 
