@@ -532,6 +532,51 @@ def test_ssah_freezing_is_compared_through_the_unrefined_model_of_its_own_build(
     assert "attacked models alone" in study.target_markdown([row])
 
 
+def test_the_evaluation_key_read_back_from_a_kept_config_is_the_engine_s(study, micro_checkpoint, tmp_path) -> None:
+    from omegaconf import OmegaConf
+
+    from tests.conftest import make_cfg
+    from zorefine.evaluate.stage import evaluation_key
+    from zorefine.run import Run
+
+    cfg = make_cfg(micro_checkpoint, stages="[evaluate]", **{"evaluate.cache_dir": str(tmp_path / "cache"), "evaluate.seeds": 2})
+    engine = evaluation_key(Run(cfg, tmp_path / "run"), micro_checkpoint)
+    runner = study.Study(tmp_path / "out", micro_checkpoint)
+    kept_config = OmegaConf.to_container(cfg, resolve=True)  # what metrics.json keeps
+    found = study.evaluation_keys([kept_config, {**kept_config, "seed": 1}], micro_checkpoint, runner.code_env())
+    assert found["keys"][0] == engine and found["keys"][1] != engine
+
+
+def test_a_new_machine_reuses_the_kept_unrefined_evaluation_of_its_own_build(study, tmp_path, monkeypatch) -> None:
+    import hashlib
+    import json
+
+    aligned = _aligned(tmp_path)
+    build = hashlib.sha256(b"aligned weights").hexdigest()
+    here = study.cpu_description()
+    config = {"evaluate": {"cache_dir": "/elsewhere/evaluations"}}
+    for job, digest, cpu in (("zo/s0", build, None), ("sft/s0", build, {**here, "model": "another CPU"}), ("sam/s0", "another build", None)):
+        directory = tmp_path / "kept" / "test" / "small" / job
+        directory.mkdir(parents=True)
+        before = {"summary": {"from": job}, "checkpoint": "/elsewhere/aligned", "cached_from": "/elsewhere/x.json"}
+        (directory / "metrics.json").write_text(json.dumps({"models": {"before": before, "after": {}}, "config": config}))
+        (directory / "refined.json").write_text(json.dumps({"sha256": "r", "aligned": digest}))
+        if cpu:
+            (directory / "build.json").write_text(json.dumps({"aligned": digest, "cpu": cpu}))
+    asked = []
+
+    def keys(configs, checkpoint, env):
+        asked.append(len(configs))
+        return {"cache": str(tmp_path / "cache"), "keys": ["k"] * len(configs)}
+
+    monkeypatch.setattr(study, "evaluation_keys", keys)
+    runner = study.Study(tmp_path / "machine2", aligned, kept=tmp_path / "kept")
+    assert runner.seed_unrefined_evaluations() == 1 and asked == [1]  # only the job of this build and CPU
+    entry = json.loads((tmp_path / "cache" / "k.json").read_text())
+    assert entry == {"summary": {"from": "zo/s0"}, "checkpoint": str(aligned)}
+    assert runner.seed_unrefined_evaluations() == 0  # an entry already there is left as it is
+
+
 @pytest.mark.parametrize("moved", ["attack", "overrefusal", "utility"])
 def test_a_rebuild_that_behaves_otherwise_is_refused_and_the_study_keeps_its_model(study, tmp_path, monkeypatch, moved) -> None:
     import json

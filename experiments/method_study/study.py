@@ -243,6 +243,49 @@ class Study:
         collect(directory, kept)
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)
 
+    def code_env(self) -> dict[str, str]:
+        """The environment of a study subprocess: this checkout's zorefine ahead of any installed copy."""
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.code_root), os.environ.get("PYTHONPATH")]))}
+
+    def seed_unrefined_evaluations(self) -> int:
+        """Put the kept evaluations of this build's unrefined model into this machine's evaluation cache.
+
+        Every test job of a build starts by evaluating the same unrefined model on the same
+        prompts and draws (≈ 55 min on SmolLM2 at 2 cores). The engine caches it per machine, under
+        a key that names the checkpoint's files by size, mtime and inode, so a new machine never
+        finds another machine's entry. This writes each kept ``before`` under the key this
+        machine's engine computes from that job's config, when the job ran on this build (the
+        aligned SHA-256) and, where recorded, this CPU. A config that differs from the next job's
+        gives another key and only misses the cache. Returns how many entries it wrote.
+        """
+        if self.kept is None or self.dry_run or not (self.aligned / "model.safetensors").is_file():
+            return 0
+        sources = [job for job in sorted((self.kept / "test").glob("*/*/s*")) if self.ran_on_this_build(job)]
+        befores = [_read(job / "metrics.json") for job in sources]
+        befores = [m for m in befores if "before" in m["models"] and m["config"]["evaluate"].get("cache_dir")]
+        if not befores:
+            return 0
+        found = evaluation_keys([m["config"] for m in befores], self.aligned, self.code_env())
+        written = 0
+        for metrics, key in zip(befores, found["keys"]):
+            entry = Path(found["cache"]) / f"{key}.json"
+            if entry.is_file():
+                continue
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            before = {k: v for k, v in metrics["models"]["before"].items() if k != "cached_from"}
+            staging = entry.with_suffix(".partial")
+            staging.write_text(json.dumps({**before, "checkpoint": str(self.aligned)}))
+            staging.replace(entry)
+            written += 1
+        return written
+
+    def ran_on_this_build(self, job: Path) -> bool:
+        """Whether a kept job ran on this machine's aligned build and (where recorded) its CPU type."""
+        if not (job / "metrics.json").is_file() or job_build(job) != self.aligned_digest():
+            return False
+        recorded = _read(job / "build.json").get("cpu") if (job / "build.json").is_file() else None
+        return recorded is None or recorded == cpu_description()
+
     def aligned_digest(self) -> str:
         """SHA-256 of this machine's aligned weights (read once: 0.5 GB)."""
         if getattr(self, "_aligned_digest", None) is None:
@@ -264,7 +307,7 @@ class Study:
         from zorefine.models.fingerprint import file_digest
 
         aligned = self.aligned_digest()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.code_root), os.environ.get("PYTHONPATH")]))}
+        env = self.code_env()
         checks = {}
         for record in sorted(self.kept.rglob("refined.json")):
             job = record.parent
@@ -298,10 +341,8 @@ class Study:
         if self.dry_run:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        # The jobs import this checkout's zorefine ahead of any installed copy.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.code_root), os.environ.get("PYTHONPATH")]))}
         with open(directory.parent / f"{directory.name}.log", "w") as log:
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=self.code_env())
         if result.returncode != 0:
             raise SystemExit(f"{directory}: zorefine exited with {result.returncode}; see {directory.parent / (directory.name + '.log')}")
         self.keep(directory)
@@ -483,6 +524,9 @@ class Study:
 
     def test(self) -> None:
         self.prepare()
+        seeded = self.seed_unrefined_evaluations()
+        if seeded:
+            print(f"the unrefined model's evaluation, kept from {seeded} earlier job(s) on this build, is in this machine's cache", flush=True)
         selected = _read(self.result("selected.json"))
         evaluation = self.target.test_eval
         by_name = {method.name: method for method in self.methods()}
@@ -575,6 +619,31 @@ def _read(path: Path) -> dict:
 
 def _load_runs(directory: Path) -> list[dict]:
     return [json.loads(f.read_text())["models"] for f in sorted(directory.glob("s*/metrics.json"))]
+
+
+# Run with the study's own zorefine: the key its evaluate stage files an evaluation of ALIGNED
+# under, for each config read on stdin (a run's resolved config, as metrics.json keeps it).
+_EVALUATION_KEYS = """
+import json, sys, tempfile
+from pathlib import Path
+from omegaconf import OmegaConf
+from zorefine.evaluate.stage import evaluation_key
+from zorefine.models.loading import cache_root
+from zorefine.run import Run
+aligned, configs = Path(sys.argv[1]), json.load(sys.stdin)
+with tempfile.TemporaryDirectory() as scratch:
+    keys = [evaluation_key(Run(OmegaConf.create(c), Path(scratch)), aligned) for c in configs]
+print(json.dumps({"cache": str(cache_root(None) / "evaluations"), "keys": keys}))
+"""
+
+
+def evaluation_keys(configs: list[dict], aligned: Path, env: dict[str, str]) -> dict:
+    """This machine's evaluation-cache directory and the key of ``aligned``'s evaluation under each config."""
+    result = subprocess.run([sys.executable, "-c", _EVALUATION_KEYS, str(aligned)], input=json.dumps(configs),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"computing evaluation keys failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def job_build(directory: Path) -> str | None:
