@@ -577,6 +577,20 @@ def test_a_new_machine_reuses_the_kept_unrefined_evaluation_of_its_own_build(stu
     assert runner.seed_unrefined_evaluations() == 0  # an entry already there is left as it is
 
 
+def test_shards_of_a_phase_split_its_jobs_between_them(study, tmp_path, capsys) -> None:
+    _prepared(tmp_path / "out")
+
+    def refine_jobs(shard: tuple[int, int]) -> set[str]:
+        study.Study(tmp_path / "out", tmp_path / "aligned", dry_run=True, target=study.TARGETS["builtin"], shard=shard).tune()
+        return {line.rsplit("hydra.run.dir=", 1)[1] for line in capsys.readouterr().out.splitlines() if "[refine,evaluate]" in line}
+
+    every = refine_jobs((0, 1))
+    first, second = refine_jobs((0, 2)), refine_jobs((1, 2))
+    assert len(every) == 28 and first | second == every and not first & second and len(first) == 14
+    with pytest.raises(SystemExit):
+        study.main(["tune", "--shard", "2/2", "--dry-run"])
+
+
 @pytest.mark.parametrize("moved", ["attack", "overrefusal", "utility"])
 def test_a_rebuild_that_behaves_otherwise_is_refused_and_the_study_keeps_its_model(study, tmp_path, monkeypatch, moved) -> None:
     import json

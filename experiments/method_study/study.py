@@ -100,7 +100,10 @@ class Target:
         if self.name == "smollm2":
             return ["+experiment=smollm2", "align.enabled=false", "model.gguf.file=null", "model.gguf.package=null",
                     f"model.path={aligned}"]
-        return ["align.enabled=false", f"model.path={aligned}"]
+        # Every job of a sweep starts from the same unrefined model: its evaluation is cached (the
+        # evaluation key leaves the cache directory out, so this changes no result).
+        cache = Path(os.environ.get("ZOREFINE_CACHE", Path.home() / ".cache" / "zorefine")) / "evaluations"
+        return ["align.enabled=false", f"model.path={aligned}", f"evaluate.cache_dir={cache}"]
 
 
 TARGETS = {
@@ -200,6 +203,10 @@ class Study:
     kept: Path | None = None
     # The checkout whose zorefine the jobs run (and whose digest the protocol pins).
     code_root: Path = REPO
+    # (K, N): this process runs every N-th job of a phase, from the K-th, so that N processes of
+    # one thread each share a machine's cores; (0, 1) runs them all.
+    shard: tuple[int, int] = (0, 1)
+    _dealt: int = 0
 
     def preset(self) -> list[str]:
         return self.target.preset(self.aligned)
@@ -354,7 +361,15 @@ class Study:
         for root in (self.out, self.kept):
             if root is not None:
                 root.mkdir(parents=True, exist_ok=True)
-                (root / "protocol.json").write_text(json.dumps(protocol, indent=1))
+                # Whole or not at all: a shard beside this one may be reading it.
+                staging = root / f"protocol.json.{os.getpid()}"
+                staging.write_text(json.dumps(protocol, indent=1))
+                staging.replace(root / "protocol.json")
+
+    def dealt_to_me(self) -> bool:
+        """Whether the phase's next job is this shard's (dealt round-robin in the phase's job order)."""
+        index, self._dealt = self._dealt, self._dealt + 1
+        return index % self.shard[1] == self.shard[0]
 
     def input_files(self) -> dict[str, Path]:
         """What every later job depends on and a new machine rebuilds: checked by digest."""
@@ -392,7 +407,7 @@ class Study:
         return factor * (self.target.small_steps_fpe + self.analysis_fpe(layers, {}))
 
     def refine_job(self, directory: Path, method: Method, config: dict[str, str], seed: int, factor: int, evaluation: dict) -> None:
-        if self.finished(directory, "metrics.json"):
+        if not self.dealt_to_me() or self.finished(directory, "metrics.json"):
             return
         overrides = {**method.base, **config}
         steps_budget = self.total_budget(factor) - self.analysis_fpe(method, config)
@@ -547,6 +562,8 @@ class Study:
 
     def ssah_freeze_job(self, evaluation: dict[str, str]) -> None:
         """SSAH's defence against the fine-tuning threat: the unrefined model, SCU + CU frozen while it trains."""
+        if not self.dealt_to_me():
+            return
         frozen = f"{self.out / 'prepare' / 'units_ssah' / 'units.safetensors'}:scu+cu"
         draws = min(int(evaluation["evaluate.seeds"]), self.target.finetune_draws)
         attacks = ",".join(f"'{self.target.finetune_threat}:seed={i}'" for i in range(draws))
@@ -930,11 +947,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kept", type=Path, help="where finished jobs' small files are kept across sessions "
                         "(default: experiments/method_study/runs/TARGET, committed)")
     parser.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
+    parser.add_argument("--shard", default="0/1", metavar="K/N", help="run every N-th job of tune or test, from the K-th "
+                        "(N processes, e.g. with OMP_NUM_THREADS=1, share the cores; select, table and plot need every shard done)")
     args = parser.parse_args(argv)
     out = args.out or Path("runs/method_study") / args.target
     kept = args.kept or Path(__file__).parent / "runs" / args.target
     aligned = args.aligned or Path("runs/smol/checkpoints/aligned" if args.target == "smollm2" else "runs/builtin/checkpoints/aligned")
-    study = Study(out.resolve(), aligned.resolve(), args.dry_run, TARGETS[args.target], kept.resolve())
+    index, count = (int(part) for part in args.shard.split("/"))
+    if not 0 <= index < count:
+        parser.error(f"--shard {args.shard}: K must be in 0..N-1")
+    study = Study(out.resolve(), aligned.resolve(), args.dry_run, TARGETS[args.target], kept.resolve(), shard=(index, count))
     if args.phase == "collect":
         print(f"copied {collect(study.out, study.kept)} files")
         return
