@@ -280,7 +280,7 @@ class Study:
                 continue
             entry.parent.mkdir(parents=True, exist_ok=True)
             before = {k: v for k, v in metrics["models"]["before"].items() if k != "cached_from"}
-            staging = entry.with_suffix(".partial")
+            staging = entry.with_suffix(f".{os.getpid()}.partial")  # shards may seed at once
             staging.write_text(json.dumps({**before, "checkpoint": str(self.aligned)}))
             staging.replace(entry)
             written += 1
