@@ -102,8 +102,9 @@ class Target:
                     f"model.path={aligned}"]
         # Every job of a sweep starts from the same unrefined model: its evaluation is cached (the
         # evaluation key leaves the cache directory out, so this changes no result).
-        cache = Path(os.environ.get("ZOREFINE_CACHE", Path.home() / ".cache" / "zorefine")) / "evaluations"
-        return ["align.enabled=false", f"model.path={aligned}", f"evaluate.cache_dir={cache}"]
+        from zorefine.models.loading import cache_root
+
+        return ["align.enabled=false", f"model.path={aligned}", f"evaluate.cache_dir={cache_root(None) / 'evaluations'}"]
 
 
 TARGETS = {
@@ -806,11 +807,8 @@ def target_check(out: Path) -> list[dict]:
             if freeze is not None and budget == "small":
                 against["ssah_freeze"] = against_baseline(runs[ours], [freeze])
             # Each seed against its own build's unrefined model (one build: the same model each time).
-            def clean_mean(models: list[dict], metric: str) -> float:
-                return _mean(m["summary"]["clean"][metric]["mean"] for m in models)
-
-            overrefusal_rise = clean_mean(afters, "overrefusal_rate") - clean_mean(befores, "overrefusal_rate")
-            utility_rise = clean_mean(afters, "utility_loss") / clean_mean(befores, "utility_loss") - 1
+            overrefusal_rise = _clean_mean(afters, "overrefusal_rate") - _clean_mean(befores, "overrefusal_rate")
+            utility_rise = _clean_mean(afters, "utility_loss") / _clean_mean(befores, "utility_loss") - 1
             for group in (g for g in afters[0]["summary"] if g != "clean" and g in vs_none):
                 before = _mean(b["summary"][group]["attack_success_rate"]["mean"] for b in befores)
                 after = _mean(a["summary"][group]["attack_success_rate"]["mean"] for a in afters)
@@ -845,6 +843,11 @@ def target_markdown(rows: list[dict]) -> str:
     if plain:
         lines += ["", f"Compared by the attacked models alone (no unrefined model of their build on record): {', '.join(plain)}."]
     return "\n".join(lines) + "\n"
+
+
+def _clean_mean(models: list[dict], metric: str) -> float:
+    """Mean over seeds of one clean metric."""
+    return _mean(m["summary"]["clean"][metric]["mean"] for m in models)
 
 
 def _mean(values) -> float:
