@@ -95,6 +95,24 @@ def test_unknown_config_key_fails_clearly(tmp_path):
     _assert_one_clear_error(result, "stepz")
 
 
+_MODEL_STACK = ("transformers.modeling_utils", "deepspeed", "bitsandbytes", "matplotlib.pyplot")
+
+
+def test_a_config_error_is_found_before_the_model_libraries_are_imported(tmp_path):
+    # Importing transformers' model classes, DeepSpeed or matplotlib takes seconds: a typo in a
+    # setting is answered without them. The run below stops in validation, as a typo would.
+    probe = (
+        "import sys\nfrom zorefine import cli\n"
+        "sys.argv = ['zorefine', 'model=local']\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(m for m in {_MODEL_STACK!r} if m in sys.modules))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "model=local needs model.path" in done.stderr, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_missing_model_path(tmp_path):
     result = zorefine(f"model.path={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL, cwd=tmp_path)
     _assert_one_clear_error(result, "zorefine: error: model path not found")

@@ -96,7 +96,8 @@ CHANGES = [
 ]
 
 
-@pytest.mark.parametrize("draw", range(3))
+# One draw per architecture by default (each draw runs the pipeline three times); `-m slow` adds two more.
+@pytest.mark.parametrize("draw", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_any_small_change_between_two_runs_gives_what_a_fresh_run_gives(micro_checkpoint, tmp_path, draw):
     rng = random.Random(f"change:{draw}:{micro_checkpoint.name}")
     first, second = rng.sample(CHANGES, 2)

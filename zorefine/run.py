@@ -22,7 +22,8 @@ from zorefine.config.validate import analyze_needed
 from zorefine.data import Example, builtin_path, load_examples, select
 from zorefine.errors import DataError
 from zorefine.models.checkpoint_dir import check_causal_lm_dir
-from zorefine.models.loading import cache_root, load_causal_lm, remove_stale_staging, save_checkpoint, write_json_atomic
+from zorefine.files import write_json_atomic
+from zorefine.models.loading import cache_root, load_causal_lm, remove_stale_staging, save_checkpoint
 
 log = logging.getLogger(__name__)
 

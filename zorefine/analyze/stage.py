@@ -13,7 +13,7 @@ from zorefine.analyze.unit_methods import run_unit_method
 from zorefine.analyze.sensitivity import Analysis, Probe, ThreatFamily, unit_sensitivity
 from zorefine.config.validate import analyze_needed
 from zorefine.judge.registry import configured_judge
-from zorefine.models.loading import write_json_atomic
+from zorefine.files import write_json_atomic
 from zorefine.models.selection import Selection, SelectionPolicy, select_units
 from zorefine.models.units import Unit, discover_units
 from zorefine.run import SELECTION_FILE, SENSITIVITY_FILE, Run

@@ -38,7 +38,7 @@ from zorefine.analyze.units_report import plot_units, units_markdown
 from zorefine.analyze.unit_classes import SSAH_CLASSES, set_difference, ssah_classes
 from zorefine.judge.registry import configured_judge
 from zorefine.models.layers import decoder_parameters, find_decoder_layers
-from zorefine.models.loading import write_json_atomic
+from zorefine.files import write_json_atomic
 from zorefine.models.neurons import decoder_linears, output_projections
 from zorefine.models.param_masks import (
     Masks, count_entries, random_entries_like, random_units_like, save_masks, union_masks, units_to_masks,

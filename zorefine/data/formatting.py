@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # the CLI checks a config before it pays for transformers' model classes
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 # Used only when a tokenizer ships no chat template (e.g. a base GPT-2).

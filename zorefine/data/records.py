@@ -14,13 +14,12 @@ The loader only ever calls :func:`json.loads`; nothing in a data file is evaluat
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from zorefine.errors import DataError
+from zorefine.files import write_atomic
 
 KINDS: tuple[str, ...] = ("harmful", "benign")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -247,18 +246,4 @@ def write_examples(path: str | Path, examples: Iterable[Example]) -> None:
         lines.append(dumps_example(example))
     if not lines:
         raise DataError(f"refusing to write no examples to {path}")
-    data = ("\n".join(lines) + "\n").encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        # mkstemp creates 0600 files; shipped data must stay readable by everyone.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))

@@ -8,7 +8,8 @@ forward-pass budget each method spent, so a budget sweep reads as gain against c
 
 Writes ``comparison.md``, ``comparison.html`` (self-contained), ``comparison.json``,
 ``gain_vs_forwards.png`` and ``refusal_curves.png`` into OUT (default: the first DIR).
-Multiruns get this at the end of the sweep from :class:`CompareCallback` (set in conf/config.yaml).
+Multiruns get this at the end of the sweep from
+:class:`zorefine.evaluate.sweep_callback.CompareCallback` (set in conf/config.yaml).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 
 from zorefine.evaluate.document import Bullets, Document, Heading, Image, Paragraph, Table
 from zorefine.errors import ZorefineError
-from zorefine.models.loading import write_json_atomic
+from zorefine.files import write_json_atomic
 from zorefine.evaluate.compare_paired import paired_blocks, paired_records
 from zorefine.evaluate.compare_plots import plot_gain_vs_forwards, plot_refusal_curves
 from zorefine.evaluate.compare_runs import Entry, refusal_area, find_runs, load_entries
@@ -165,26 +166,6 @@ def compare(paths: Sequence[Path], out_dir: Path | None = None, pool: str | None
     json_path = out_dir / "comparison.json"
     write_json_atomic(json_path, {"runs": [str(r) for r in run_dirs], "rows": records, "pooled": pooled, "paired": paired})
     return {"markdown": markdown_path, "html": html_path, "json": json_path, "gain_plot": gain_plot, "curves_plot": curves_plot}
-
-
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra is a core dependency
-    _HydraCallback = object
-
-
-class CompareCallback(_HydraCallback):
-    """Hydra callback: at the end of a multirun, compare every job of the sweep."""
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            written = compare([sweep_dir])
-        except ZorefineError as error:
-            log.warning("[compare] no comparison for %s: %s", sweep_dir, error)
-            return
-        log.info("[compare] %s", written["markdown"])
-        print(f"comparison: {written['markdown']} (and {written['html'].name})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

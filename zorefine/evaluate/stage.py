@@ -18,7 +18,7 @@ from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, fil
 
 from zorefine.data import builtin_path
 from zorefine.judge.registry import configured_judge
-from zorefine.models.loading import write_json_atomic
+from zorefine.files import write_json_atomic
 from zorefine.models.param_masks import named_sets
 from zorefine.run import METRICS_FILE, Run
 from zorefine.evaluate.paired import OUTCOMES, paired_differences

@@ -21,7 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from zorefine.config import BuiltinModelConfig
 from zorefine.data import builtin_path, load_examples, select
-from zorefine.models.loading import cache_root, save_checkpoint
+from zorefine.files import build_once
+from zorefine.models.loading import cache_root, holds_checkpoint, save_checkpoint
 from zorefine.models.sft import SFTSettings, run_sft
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,4 @@ def build_base_model(cfg: BuiltinModelConfig, out_dir: Path) -> Path:
 def ensure_builtin_model(cfg: BuiltinModelConfig) -> Path:
     """Path of the cached built-in base model, building it on first use."""
     out_dir = builtin_model_dir(cfg)
-    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
-        return out_dir
-    return build_base_model(cfg, out_dir)
+    return build_once(out_dir, holds_checkpoint, lambda: build_base_model(cfg, out_dir))

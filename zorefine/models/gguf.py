@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from zorefine.errors import ModelError
 from zorefine.models.checkpoint_dir import check_causal_lm_dir
-from zorefine.models.loading import save_checkpoint
+from zorefine.files import build_once
+from zorefine.models.loading import holds_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,4 @@ def ensure_gguf_model(cache: Path, file: str, package: Optional[str] = None, sys
     """The cached safetensors checkpoint of a GGUF model, converting it on first use."""
     gguf_path = locate_gguf(file, package)
     out_dir = converted_dir(cache, gguf_path, system_prompt)
-    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
-        return check_causal_lm_dir(out_dir)
-    return check_causal_lm_dir(convert_gguf(gguf_path, out_dir, system_prompt))
+    return check_causal_lm_dir(build_once(out_dir, holds_checkpoint, lambda: convert_gguf(gguf_path, out_dir, system_prompt)))

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from safetensors import SafetensorError
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 from zorefine.errors import ModelError
+from zorefine.files import umask, write_json_atomic
 from zorefine.models.checkpoint_dir import check_causal_lm_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,6 +37,10 @@ def cache_root(cache_dir: str | None) -> Path:
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a local tokenizer, with a pad token (falls back to EOS) for batched work."""
+    # Imported here: transformers' model stack takes seconds to import, and a run that stops at a
+    # config or path error (or only compares finished runs) should not wait for it.
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as error:
@@ -56,6 +57,8 @@ def load_causal_lm(
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer from a local directory, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
     directory = check_causal_lm_dir(path, trust_remote_code)
     tokenizer = load_tokenizer(directory, trust_remote_code)
     try:
@@ -77,12 +80,6 @@ def load_causal_lm(
 STAGING_PREFIX = "."
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def remove_stale_staging(directory: str | Path) -> list[Path]:
     """Delete what killed checkpoint writes left in ``directory`` (call before any write starts)."""
     directory = Path(directory)
@@ -94,13 +91,9 @@ def remove_stale_staging(directory: str | Path) -> list[Path]:
     return stale
 
 
-def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON so that readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+def holds_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds a saved model (its config and safetensors weights)."""
+    return (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
 
 
 def save_checkpoint(
@@ -118,7 +111,7 @@ def save_checkpoint(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_dir.name}.partial-", dir=out_dir.parent))
     # mkdtemp makes a private (0700) folder; a checkpoint on shared storage follows the umask.
-    os.chmod(staging, 0o777 & ~_umask())
+    os.chmod(staging, 0o777 & ~umask())
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

@@ -5,12 +5,14 @@ Objectives need no gradient: the ZO refiner calls them under ``torch.no_grad()``
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from zorefine.data.formatting import IGNORE_INDEX, collate, encode_example
+
+if TYPE_CHECKING:  # the CLI checks a config before it pays for transformers' model classes
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def token_nll_and_mask(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

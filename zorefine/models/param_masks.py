@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from zorefine.errors import ConfigError
+from zorefine.files import write_atomic
 from zorefine.models.neurons import UnitGroup
 
 __all__ = [
@@ -101,9 +102,7 @@ def freeze_masked(params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.
 def save_masks(path: Path, masks: Mapping[str, Masks]) -> None:
     """Write named mask sets (``{class: masks}``) to one safetensors file."""
     tensors = {f"{label}::{name}": mask.to(torch.uint8).contiguous().cpu() for label, group in masks.items() for name, mask in group.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    write_atomic(path, save(tensors))
 
 
 def load_masks(path: Path) -> dict[str, Masks]:

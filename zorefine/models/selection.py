@@ -32,7 +32,7 @@ from torch import nn
 from zorefine.errors import ConfigError
 from zorefine.models.fingerprint import file_digest
 from zorefine.models.layers import find_decoder_layers
-from zorefine.models.loading import write_json_atomic
+from zorefine.files import write_json_atomic
 from zorefine.models.param_masks import load_masks
 from zorefine.models.units import Unit, union_parameters, units_by_name
 

@@ -15,7 +15,7 @@ import torch
 import zorefine
 from zorefine.distributed.processes import Processes
 from zorefine.models.fingerprint import checkpoint_fingerprint, content_key
-from zorefine.models.loading import write_json_atomic
+from zorefine.files import write_json_atomic
 from zorefine.models.objectives import encode_batch
 from zorefine.refine.targets import TrainingPairs, training_pairs
 from zorefine.run import TARGETS_FILE, Run

@@ -1,0 +1,68 @@
+"""Files that several processes share: whole-or-nothing writes and one builder per cache entry.
+
+Jobs of one sweep (a Hydra multirun, a SLURM array, a test run on several workers) share the
+model and evaluation caches. A writer must never let a reader see half a file, two writers of one
+file must not trip over each other's temporary file, and an expensive entry (a converted or
+pretrained model) should be built by one of them while the others wait and reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from filelock import FileLock
+
+
+def umask() -> int:
+    """The process's file-creation mask (read without changing it for longer than the call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` whole or not at all, with permissions that follow the umask.
+
+    Each writer gets its own temporary file beside ``path``, so concurrent writers of one path
+    never remove each other's; the last rename wins, and every version is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        # mkstemp creates private (0600) files; shared caches and shipped data follow the umask.
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON so that readers never see a half-written file."""
+    write_atomic(path, (json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def build_once(out_dir: Path, is_ready: Callable[[Path], bool], build: Callable[[], Path]) -> Path:
+    """``out_dir`` when it already holds a finished entry, else what ``build()`` makes of it.
+
+    Builders of one entry take turns through a lock file beside it: the first builds, the others
+    wait and then find the entry ready instead of building it again.
+    """
+    if is_ready(out_dir):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir.with_name(f".{out_dir.name}.lock"))):
+        if is_ready(out_dir):
+            return out_dir
+        return build()
