@@ -363,6 +363,42 @@ def test_evaluation_cache_evaluates_a_checkpoint_once(micro_checkpoint, tmp_path
     assert len(list(cache.glob("*.json"))) == 2
 
 
+def _evaluate_in_a_process(checkpoint: str, cache: str, run_dir: str, out: str) -> None:
+    import torch
+
+    from tests.conftest import make_cfg
+
+    torch.set_num_threads(1)
+    cfg = make_cfg(Path(checkpoint), **{"evaluate.cache_dir": cache})
+    run = Run(cfg, Path(run_dir))
+    sets = evaluate.eval_sets(run, 4)
+    result = evaluate.evaluate_checkpoint(run, Path(checkpoint), sets, sets, "model")
+    Path(out).write_text(json.dumps({"cached_from": result.get("cached_from"), "summary": result["summary"]}))
+
+
+def test_two_jobs_evaluating_one_checkpoint_side_by_side_evaluate_it_once(micro_tokenizer, tmp_path):
+    import multiprocessing
+
+    from tests.conftest import save_micro_checkpoint
+
+    # The lock does not depend on the architecture: one is enough.
+    micro_checkpoint = save_micro_checkpoint("llama", micro_tokenizer, tmp_path / "micro-llama")
+    cache = tmp_path / "eval-cache"
+    context = multiprocessing.get_context("spawn")
+    jobs = [context.Process(target=_evaluate_in_a_process, args=(str(micro_checkpoint), str(cache), str(tmp_path / f"run{i}"),
+                                                                  str(tmp_path / f"out{i}.json"))) for i in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(300)
+    assert [job.exitcode for job in jobs] == [0, 0]
+    results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    # One of them measured; the other waited for it and read its entry back.
+    assert sorted(r["cached_from"] is None for r in results) == [False, True]
+    assert results[0]["summary"] == results[1]["summary"]
+    assert len(list(cache.glob("*.json"))) == 1
+
+
 def test_breaking_level_is_interpolated_per_seed():
     from zorefine.evaluate.curves import break_level_interval
     from zorefine.evaluate.robustness import ConditionResult

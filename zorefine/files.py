@@ -8,13 +8,17 @@ pretrained model) should be built by one of them while the others wait and reuse
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
 
 
 def umask() -> int:
@@ -53,16 +57,35 @@ def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
     write_atomic(path, (json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+@contextlib.contextmanager
+def one_at_a_time(path: Path) -> Iterator[None]:
+    """Hold the lock file beside ``path`` (``.NAME.lock``) while making ``path``; others wait.
+
+    The lock is the operating system's, so a holder that is killed releases it. A process
+    that has to wait says so, since the wait can be as long as the other's work.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path.with_name(f".{path.name}.lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process that is making %s", path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def build_once(out_dir: Path, is_ready: Callable[[Path], bool], build: Callable[[], Path]) -> Path:
     """``out_dir`` when it already holds a finished entry, else what ``build()`` makes of it.
 
-    Builders of one entry take turns through a lock file beside it: the first builds, the others
+    Builders of one entry take turns (:func:`one_at_a_time`): the first builds, the others
     wait and then find the entry ready instead of building it again.
     """
     if is_ready(out_dir):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out_dir.with_name(f".{out_dir.name}.lock"))):
+    with one_at_a_time(out_dir):
         if is_ready(out_dir):
             return out_dir
         return build()

@@ -18,7 +18,7 @@ from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, fil
 
 from zorefine.data import builtin_path
 from zorefine.judge.registry import configured_judge
-from zorefine.files import write_json_atomic
+from zorefine.files import one_at_a_time, write_json_atomic
 from zorefine.models.param_masks import named_sets
 from zorefine.run import METRICS_FILE, Run
 from zorefine.evaluate.paired import OUTCOMES, paired_differences
@@ -112,9 +112,26 @@ def evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: 
     key = evaluation_key(run, checkpoint)
     cached = Path(cfg.cache_dir) / f"{key}.json" if cfg.cache_dir else None
     if cached is not None and cached.is_file():
-        log.info("[evaluate] %s: reusing the evaluation cached at %s", name, cached)
-        stored = with_current_intervals(json.loads(cached.read_text()), cfg.break_fraction)
-        return {**stored, "checkpoint": str(checkpoint), "cached_from": str(cached)}
+        return _cached_evaluation(cached, checkpoint, name, cfg.break_fraction)
+    if cached is None or run.processes.distributed:
+        # (The processes of one launch measure one grid together: none may wait for another.)
+        return _evaluate_and_store(run, checkpoint, sets, clean_sets, name, key, cached)
+    # Jobs of a sweep side by side start from one model: one evaluates it, the others wait for
+    # that evaluation and read it back instead of repeating it.
+    with one_at_a_time(cached):
+        if cached.is_file():
+            return _cached_evaluation(cached, checkpoint, name, cfg.break_fraction)
+        return _evaluate_and_store(run, checkpoint, sets, clean_sets, name, key, cached)
+
+
+def _cached_evaluation(cached: Path, checkpoint: Path, name: str, break_fraction: float) -> dict[str, Any]:
+    log.info("[evaluate] %s: reusing the evaluation cached at %s", name, cached)
+    stored = with_current_intervals(json.loads(cached.read_text()), break_fraction)
+    return {**stored, "checkpoint": str(checkpoint), "cached_from": str(cached)}
+
+
+def _evaluate_and_store(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: EvalSets, name: str, key: str,
+                        cached: Path | None) -> dict[str, Any]:
     # A killed run resumes condition by condition (one process only: under a launcher each
     # process measures its own share of the grid, and only the main one could write the log).
     conditions = None if run.processes.distributed else ConditionLog(run.run_dir / f"evaluate-{name}.partial.jsonl", key)
