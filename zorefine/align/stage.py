@@ -23,6 +23,7 @@ from zorefine.run import ALIGNED_DIR, Run
 from zorefine.models.param_masks import count_entries, load_masks
 from zorefine.models.sft import SFTSettings, run_sft
 from zorefine.errors import ConfigError
+from zorefine.files import one_at_a_time
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,18 @@ def run(run: Run) -> dict[str, Any]:
         log.info("[align] disabled: starting from %s as it is", run.start_checkpoint)
         return {"enabled": False, "checkpoint": str(run.start_checkpoint)}
     started = time.perf_counter()
-    out_dir = run.run_dir / ALIGNED_DIR
     cached = Path(cfg.cache_dir) / cache_key(run) if cfg.cache_dir else None
+    if cached is None or run.processes.distributed or (cached / _COMPLETE).is_file():
+        # (The processes of one launch train together: none may wait for another.)
+        return _align_or_reuse(run, cached, started)
+    # Jobs of a sweep side by side align the same way: one trains, the others wait and reuse it.
+    with one_at_a_time(cached):
+        return _align_or_reuse(run, cached, started)
+
+
+def _align_or_reuse(run: Run, cached: Path | None, started: float) -> dict[str, Any]:
+    cfg = run.cfg.align
+    out_dir = run.run_dir / ALIGNED_DIR
     if cached is not None and (cached / _COMPLETE).is_file():
         if run.processes.is_main:
             _link_tree(cached, out_dir)

@@ -15,7 +15,7 @@ import torch
 import zorefine
 from zorefine.distributed.processes import Processes
 from zorefine.models.fingerprint import checkpoint_fingerprint, content_key
-from zorefine.files import write_json_atomic
+from zorefine.files import one_at_a_time, write_json_atomic
 from zorefine.models.objectives import encode_batch
 from zorefine.refine.targets import TrainingPairs, training_pairs
 from zorefine.run import TARGETS_FILE, Run
@@ -86,20 +86,32 @@ def refinement_pairs(run: Run, model, tokenizer) -> TrainingPairs:
     reference = reference_pairs(run)
     if cfg.targets == "reference":
         return reference
-    started = time.perf_counter()
     cached = Path(cfg.targets_cache_dir) / f"{targets_key(run, reference)}.json" if cfg.targets_cache_dir else None
-    pairs = _cached_pairs(cached)
-    if pairs is not None:
-        log.info("[refine] %s targets: read back from %s", cfg.targets, cached)
+    if cached is None or run.processes.distributed or cached.is_file():
+        # (The processes of one launch decode together: none may wait for another.)
+        pairs = _decoded_or_read_back(run, model, tokenizer, reference, cached)
     else:
-        pairs = training_pairs(model, tokenizer, reference.harmful, reference.benign, cfg.targets, cfg.target_tokens)
-        log.info("[refine] %s targets: the start model's greedy responses in %.1f s", cfg.targets, time.perf_counter() - started)
-        if cached is not None and run.processes.is_main:
-            write_json_atomic(cached, {"harmful": pairs.harmful, "benign": pairs.benign,
-                                       "generation_forward_passes": pairs.generation_forward_passes})
+        # Jobs of a sweep side by side start from one model: one decodes, the others wait and read back.
+        with one_at_a_time(cached):
+            pairs = _decoded_or_read_back(run, model, tokenizer, reference, cached)
     if run.processes.is_main:
         # What the objective asked for, to read next to the trajectory.
         write_json_atomic(run.run_dir / TARGETS_FILE, {"targets": cfg.targets, "harmful": pairs.harmful, "benign": pairs.benign})
+    return pairs
+
+
+def _decoded_or_read_back(run: Run, model, tokenizer, reference: TrainingPairs, cached: Path | None) -> TrainingPairs:
+    cfg = run.cfg.refine
+    pairs = _cached_pairs(cached)
+    if pairs is not None:
+        log.info("[refine] %s targets: read back from %s", cfg.targets, cached)
+        return pairs
+    started = time.perf_counter()
+    pairs = training_pairs(model, tokenizer, reference.harmful, reference.benign, cfg.targets, cfg.target_tokens)
+    log.info("[refine] %s targets: the start model's greedy responses in %.1f s", cfg.targets, time.perf_counter() - started)
+    if cached is not None and run.processes.is_main:
+        write_json_atomic(cached, {"harmful": pairs.harmful, "benign": pairs.benign,
+                                   "generation_forward_passes": pairs.generation_forward_passes})
     return pairs
 
 
