@@ -14,11 +14,12 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def umask() -> int:
@@ -77,15 +78,21 @@ def one_at_a_time(path: Path) -> Iterator[None]:
         lock.release()
 
 
-def build_once(out_dir: Path, is_ready: Callable[[Path], bool], build: Callable[[], Path]) -> Path:
-    """``out_dir`` when it already holds a finished entry, else what ``build()`` makes of it.
+def in_turn(path: Path, ready: Callable[[], bool], make: Callable[[], T], alone: bool = True) -> T:
+    """``make()``, in turn with the other processes that make ``path`` (:func:`one_at_a_time`).
 
-    Builders of one entry take turns (:func:`one_at_a_time`): the first builds, the others
-    wait and then find the entry ready instead of building it again.
+    ``make`` reads ``path`` back when it is ready and makes it otherwise, so the first process
+    makes it and the ones that waited read it. Nothing waits when ``path`` is ready already or
+    when ``alone`` is false: the processes of one multi-process launch make a result together,
+    and one of them waiting for another would never end.
     """
-    if is_ready(out_dir):
-        return out_dir
-    with one_at_a_time(out_dir):
-        if is_ready(out_dir):
-            return out_dir
-        return build()
+    if not alone or ready():
+        return make()
+    with one_at_a_time(path):
+        return make()
+
+
+def build_once(out_dir: Path, is_ready: Callable[[Path], bool], build: Callable[[], Path]) -> Path:
+    """``out_dir`` when it already holds a finished entry, else what ``build()`` makes of it:
+    the first of several builders builds it, the others wait and then find it ready."""
+    return in_turn(out_dir, lambda: is_ready(out_dir), lambda: out_dir if is_ready(out_dir) else build())

@@ -23,7 +23,7 @@ from zorefine.run import ALIGNED_DIR, Run
 from zorefine.models.param_masks import count_entries, load_masks
 from zorefine.models.sft import SFTSettings, run_sft
 from zorefine.errors import ConfigError
-from zorefine.files import one_at_a_time
+from zorefine.files import in_turn
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,11 @@ def run(run: Run) -> dict[str, Any]:
         return {"enabled": False, "checkpoint": str(run.start_checkpoint)}
     started = time.perf_counter()
     cached = Path(cfg.cache_dir) / cache_key(run) if cfg.cache_dir else None
-    if cached is None or run.processes.distributed or (cached / _COMPLETE).is_file():
-        # (The processes of one launch train together: none may wait for another.)
-        return _align_or_reuse(run, cached, started)
+    if cached is None:
+        return _align_or_reuse(run, None, started)
     # Jobs of a sweep side by side align the same way: one trains, the others wait and reuse it.
-    with one_at_a_time(cached):
-        return _align_or_reuse(run, cached, started)
+    return in_turn(cached, (cached / _COMPLETE).is_file, lambda: _align_or_reuse(run, cached, started),
+                   alone=not run.processes.distributed)
 
 
 def _align_or_reuse(run: Run, cached: Path | None, started: float) -> dict[str, Any]:

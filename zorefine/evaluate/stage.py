@@ -18,7 +18,7 @@ from zorefine.models.fingerprint import checkpoint_fingerprint, content_key, fil
 
 from zorefine.data import builtin_path
 from zorefine.judge.registry import configured_judge
-from zorefine.files import one_at_a_time, write_json_atomic
+from zorefine.files import in_turn, write_json_atomic
 from zorefine.models.param_masks import named_sets
 from zorefine.run import METRICS_FILE, Run
 from zorefine.evaluate.paired import OUTCOMES, paired_differences
@@ -111,17 +111,17 @@ def evaluate_checkpoint(run: Run, checkpoint: Path, sets: EvalSets, clean_sets: 
     cfg = run.cfg.evaluate
     key = evaluation_key(run, checkpoint)
     cached = Path(cfg.cache_dir) / f"{key}.json" if cfg.cache_dir else None
-    if cached is not None and cached.is_file():
-        return _cached_evaluation(cached, checkpoint, name, cfg.break_fraction)
-    if cached is None or run.processes.distributed:
-        # (The processes of one launch measure one grid together: none may wait for another.)
-        return _evaluate_and_store(run, checkpoint, sets, clean_sets, name, key, cached)
-    # Jobs of a sweep side by side start from one model: one evaluates it, the others wait for
-    # that evaluation and read it back instead of repeating it.
-    with one_at_a_time(cached):
+    if cached is None:
+        return _evaluate_and_store(run, checkpoint, sets, clean_sets, name, key, None)
+
+    def evaluated_or_read_back() -> dict[str, Any]:
         if cached.is_file():
             return _cached_evaluation(cached, checkpoint, name, cfg.break_fraction)
         return _evaluate_and_store(run, checkpoint, sets, clean_sets, name, key, cached)
+
+    # Jobs of a sweep side by side start from one model: one evaluates it, the others wait for
+    # that evaluation and read it back instead of repeating it.
+    return in_turn(cached, cached.is_file, evaluated_or_read_back, alone=not run.processes.distributed)
 
 
 def _cached_evaluation(cached: Path, checkpoint: Path, name: str, break_fraction: float) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 import zorefine
 from zorefine.distributed.processes import Processes
 from zorefine.models.fingerprint import checkpoint_fingerprint, content_key
-from zorefine.files import one_at_a_time, write_json_atomic
+from zorefine.files import in_turn, write_json_atomic
 from zorefine.models.objectives import encode_batch
 from zorefine.refine.targets import TrainingPairs, training_pairs
 from zorefine.run import TARGETS_FILE, Run
@@ -87,13 +87,12 @@ def refinement_pairs(run: Run, model, tokenizer) -> TrainingPairs:
     if cfg.targets == "reference":
         return reference
     cached = Path(cfg.targets_cache_dir) / f"{targets_key(run, reference)}.json" if cfg.targets_cache_dir else None
-    if cached is None or run.processes.distributed or cached.is_file():
-        # (The processes of one launch decode together: none may wait for another.)
-        pairs = _decoded_or_read_back(run, model, tokenizer, reference, cached)
+    if cached is None:
+        pairs = _decoded_or_read_back(run, model, tokenizer, reference, None)
     else:
         # Jobs of a sweep side by side start from one model: one decodes, the others wait and read back.
-        with one_at_a_time(cached):
-            pairs = _decoded_or_read_back(run, model, tokenizer, reference, cached)
+        pairs = in_turn(cached, cached.is_file, lambda: _decoded_or_read_back(run, model, tokenizer, reference, cached),
+                        alone=not run.processes.distributed)
     if run.processes.is_main:
         # What the objective asked for, to read next to the trajectory.
         write_json_atomic(run.run_dir / TARGETS_FILE, {"targets": cfg.targets, "harmful": pairs.harmful, "benign": pairs.benign})
