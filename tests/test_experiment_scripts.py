@@ -573,7 +573,7 @@ def test_a_new_machine_reuses_the_kept_unrefined_evaluation_of_its_own_build(stu
     runner = study.Study(tmp_path / "machine2", aligned, kept=tmp_path / "kept")
     assert runner.seed_unrefined_evaluations() == 1 and asked == [1]  # only the job of this build and CPU
     entry = json.loads((tmp_path / "cache" / "k.json").read_text())
-    assert entry == {"summary": {"from": "zo/s0"}, "checkpoint": str(aligned)}
+    assert entry == {"summary": {"from": "zo/s0"}, "checkpoint": str(aligned), "seeded_from": "test/small/zo/s0"}
     assert runner.seed_unrefined_evaluations() == 0  # an entry already there is left as it is
 
 
@@ -664,3 +664,45 @@ def test_every_random_reference_threat_runs_as_draws_of_the_split_s_stream(study
     assert [s for s in specs if s.startswith("finetune")] == [f"finetune:40:5e-5:seed={i}" for i in range(2)]
     assert all(is_random(parse_threat(s)) for s in specs if not s.startswith(("w4a8", "rtn")))
     assert len(tune) == 2 + 2 + 2
+
+
+def test_a_cpu_whose_own_unrefined_evaluation_matches_reuses_the_other_cpu_s_kept_ones(study, tmp_path, monkeypatch) -> None:
+    import hashlib
+    import json
+
+    aligned = _aligned(tmp_path)
+    build = hashlib.sha256(b"aligned weights").hexdigest()
+    other = {**study.cpu_description(), "model": "another CPU"}
+    config = {"evaluate": {"cache_dir": "/elsewhere/evaluations"}}
+    evaluation = {"summary": {"attack": float("nan")}, "samples": [1, 2]}
+    for job, summary in (("zo/s0", evaluation["summary"]), ("sft/s0", {"attack": 0.5})):
+        directory = tmp_path / "kept" / "test" / "small" / job
+        directory.mkdir(parents=True)
+        before = {**evaluation, "summary": summary, "checkpoint": "/elsewhere/aligned", "cached_from": "/elsewhere/x.json"}
+        (directory / "metrics.json").write_text(json.dumps({"models": {"before": before, "after": {}}, "config": {**config, "job": job}}))
+        (directory / "build.json").write_text(json.dumps({"aligned": build, "cpu": other}))
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(study, "evaluation_keys", lambda configs, checkpoint, env: {
+        "cache": str(cache), "keys": [c["job"].replace("/", "-") for c in configs]})
+    runner = study.Study(tmp_path / "machine2", aligned, kept=tmp_path / "kept")
+    assert runner.agree_with_other_cpus() == []  # nothing evaluated here yet: no check
+    cache.mkdir()
+    # This machine's own evaluation (as the engine writes it), once under each job's key.
+    for key in ("zo-s0", "sft-s0"):
+        (cache / f"{key}.json").write_text(json.dumps({**evaluation, "checkpoint": str(aligned)}))
+    checks = runner.agree_with_other_cpus()
+    assert [(c["compared_with"], c["identical"]) for c in checks] == [("test/small/sft/s0", False), ("test/small/zo/s0", True)]
+    assert runner.agree_with_other_cpus() == []  # each comparison is kept once
+    assert json.loads((tmp_path / "kept" / study.CPU_AGREEMENT).read_text()) == checks
+    # One comparison that differed: the kept evaluations of the other CPU stay with it.
+    (cache / "zo-s0.json").unlink()
+    (cache / "sft-s0.json").unlink()
+    assert runner.seed_unrefined_evaluations() == 0
+    # Only identical comparisons: a machine of this CPU type reuses the other CPU's kept evaluations.
+    agreement = tmp_path / "kept" / study.CPU_AGREEMENT
+    agreement.write_text(json.dumps([c for c in checks if c["identical"]]))
+    assert runner.seed_unrefined_evaluations() == 2
+    assert json.loads((cache / "zo-s0.json").read_text())["seeded_from"] == "test/small/zo/s0"
+    # A copy seeded from a kept record is not this machine's own result: it is never compared.
+    agreement.unlink()
+    assert runner.agree_with_other_cpus() == []

@@ -61,6 +61,8 @@ REPO = Path(__file__).resolve().parents[2]
 OVERREFUSAL_SLACK, UTILITY_SLACK = 0.01, 0.02
 LARGE_FACTOR = 5
 MAX_DEGENERATE = 0.1
+# The kept record of which CPU types evaluate one build's unrefined model identically.
+CPU_AGREEMENT = "cpu_agreement.json"
 
 
 @dataclass(frozen=True)
@@ -263,36 +265,91 @@ class Study:
         a key that names the checkpoint's files by size, mtime and inode, so a new machine never
         finds another machine's entry. This writes each kept ``before`` under the key this
         machine's engine computes from that job's config, when the job ran on this build (the
-        aligned SHA-256) and, where recorded, this CPU. A config that differs from the next job's
+        aligned SHA-256) and, where recorded, this CPU or one a kept check found to agree with it
+        (``agree_with_other_cpus``). A config that differs from the next job's
         gives another key and only misses the cache. Returns how many entries it wrote.
         """
         if self.kept is None or self.dry_run or not (self.aligned / "model.safetensors").is_file():
             return 0
         sources = [job for job in sorted((self.kept / "test").glob("*/*/s*")) if self.ran_on_this_build(job)]
-        befores = [_read(job / "metrics.json") for job in sources]
-        befores = [m for m in befores if "before" in m["models"] and m["config"]["evaluate"].get("cache_dir")]
+        befores = [(job, _read(job / "metrics.json")) for job in sources]
+        befores = [(job, m) for job, m in befores if "before" in m["models"] and m["config"]["evaluate"].get("cache_dir")]
         if not befores:
             return 0
-        found = evaluation_keys([m["config"] for m in befores], self.aligned, self.code_env())
+        found = evaluation_keys([m["config"] for _, m in befores], self.aligned, self.code_env())
         written = 0
-        for metrics, key in zip(befores, found["keys"]):
+        for (source, metrics), key in zip(befores, found["keys"]):
             entry = Path(found["cache"]) / f"{key}.json"
             if entry.is_file():
                 continue
             entry.parent.mkdir(parents=True, exist_ok=True)
             before = {k: v for k, v in metrics["models"]["before"].items() if k != "cached_from"}
             staging = entry.with_suffix(f".{os.getpid()}.partial")  # shards may seed at once
-            staging.write_text(json.dumps({**before, "checkpoint": str(self.aligned)}))
+            # Marked, so that agree_with_other_cpus never takes a copy for this machine's own result.
+            staging.write_text(json.dumps({**before, "checkpoint": str(self.aligned), "seeded_from": str(source.relative_to(self.kept))}))
             staging.replace(entry)
             written += 1
         return written
 
     def ran_on_this_build(self, job: Path) -> bool:
-        """Whether a kept job ran on this machine's aligned build and (where recorded) its CPU type."""
+        """Whether a kept job ran on this machine's aligned build and (where recorded) its CPU type
+        or one whose evaluation of this build was found identical (``agree_with_other_cpus``)."""
         if not (job / "metrics.json").is_file() or job_build(job) != self.aligned_digest():
             return False
-        recorded = _read(job / "build.json").get("cpu") if (job / "build.json").is_file() else None
-        return recorded is None or recorded == cpu_description()
+        recorded = job_cpu(job)
+        here = cpu_description()
+        return recorded is None or recorded == here or self.cpus_agree(recorded, here)
+
+    def cpus_agree(self, a: dict, b: dict) -> bool:
+        """Whether kept checks found CPUs ``a`` and ``b`` evaluating this build's unrefined model alike
+        (at least one comparison, and none that differed)."""
+        checks = json.loads((self.kept / CPU_AGREEMENT).read_text()) if self.kept and (self.kept / CPU_AGREEMENT).is_file() else []
+        verdicts = [c["identical"] for c in checks if c["build"] == self.aligned_digest() and a in c["cpus"] and b in c["cpus"]]
+        return bool(verdicts) and all(verdicts)
+
+    def report_agreement(self) -> None:
+        for check in self.agree_with_other_cpus():
+            verdict = "identical" if check["identical"] else "DIFFERENT"
+            print(f"the unrefined evaluation on this CPU and {check['compared_with']}'s ({check['cpus'][0]['model']}, "
+                  f"L3 {check['cpus'][0]['l3']}): {verdict}", flush=True)
+
+    def agree(self) -> None:
+        """The ``agree`` phase: ``agree_with_other_cpus`` on its own, after a test job ran here."""
+        self.report_agreement()
+
+    def agree_with_other_cpus(self) -> list[dict]:
+        """Compare this machine's own evaluation of the unrefined build with the kept ones of other CPUs.
+
+        A kept ``before`` is reused only on its own CPU type, since other SIMD kernels may round
+        differently. This reads this machine's cache entry for each kept test job of this build
+        from another CPU (an entry a test job here computed, not one seeded from a kept record)
+        and compares every stored number and per-prompt outcome, as JSON text, with the kept
+        one. Each comparison is appended to the kept ``cpu_agreement.json``; where they are
+        identical, later machines of either CPU type reuse the other's kept evaluations. Only
+        whether they match is printed, never a value.
+        """
+        if self.kept is None:
+            return []
+        here, digest = cpu_description(), self.aligned_digest()
+        sources = [job for job in sorted((self.kept / "test").glob("*/*/s*"))
+                   if (job / "metrics.json").is_file() and job_build(job) == digest and job_cpu(job) not in (None, here)]
+        if not sources:
+            return []
+        kept_metrics = [_read(job / "metrics.json") for job in sources]
+        found = evaluation_keys([m["config"] for m in kept_metrics], self.aligned, self.code_env())
+        checks = json.loads((self.kept / CPU_AGREEMENT).read_text()) if (self.kept / CPU_AGREEMENT).is_file() else []
+        added = []
+        for job, metrics, key in zip(sources, kept_metrics, found["keys"]):
+            entry = Path(found["cache"]) / f"{key}.json"
+            own = json.loads(entry.read_text()) if entry.is_file() else None
+            compared_with = str(job.relative_to(self.kept))
+            if own is None or "seeded_from" in own or any(
+                    c["build"] == digest and c["compared_with"] == compared_with and here in c["cpus"] for c in checks):
+                continue
+            added.append({"build": digest, "cpus": [job_cpu(job), here], "compared_with": compared_with,
+                          "identical": _comparable(own) == _comparable(metrics["models"]["before"])})
+        (self.kept / CPU_AGREEMENT).write_text(json.dumps(checks + added, indent=1))
+        return added
 
     def aligned_digest(self) -> str:
         """SHA-256 of this machine's aligned weights (read once: 0.5 GB)."""
@@ -540,6 +597,7 @@ class Study:
 
     def test(self) -> None:
         self.prepare()
+        self.report_agreement()
         seeded = self.seed_unrefined_evaluations()
         if seeded:
             print(f"the unrefined model's evaluation, kept from {seeded} earlier job(s) on this build, is in this machine's cache", flush=True)
@@ -662,6 +720,16 @@ def evaluation_keys(configs: list[dict], aligned: Path, env: dict[str, str]) -> 
     if result.returncode != 0:
         raise SystemExit(f"computing evaluation keys failed: {result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def job_cpu(directory: Path) -> dict | None:
+    """The CPU a kept job ran on (None: not recorded)."""
+    return _read(directory / "build.json").get("cpu") if (directory / "build.json").is_file() else None
+
+
+def _comparable(evaluation: dict) -> str:
+    """An evaluation as canonical JSON, without where it was read from (NaN compares equal as text)."""
+    return json.dumps({k: v for k, v in evaluation.items() if k not in ("checkpoint", "cached_from", "seeded_from")}, sort_keys=True)
 
 
 def job_build(directory: Path) -> str | None:
@@ -942,7 +1010,7 @@ def _tuning_scores(metrics: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["prepare", "rebuild", "tune", "select", "test", "replay", "table", "collect", "plot"])
+    parser.add_argument("phase", choices=["prepare", "rebuild", "tune", "select", "test", "agree", "replay", "table", "collect", "plot"])
     parser.add_argument("--target", choices=sorted(TARGETS), default="smollm2", help="the model the study runs on")
     parser.add_argument("--out", type=Path, help="default: runs/method_study/TARGET")
     parser.add_argument("--aligned", type=Path, help="the aligned checkpoint (default: runs/smol/checkpoints/aligned "
