@@ -328,7 +328,7 @@ class Study:
         identical, later machines of either CPU type reuse the other's kept evaluations. Only
         whether they match is printed, never a value.
         """
-        if self.kept is None:
+        if self.kept is None or self.dry_run or not (self.aligned / "model.safetensors").is_file():
             return []
         here, digest = cpu_description(), self.aligned_digest()
         sources = [job for job in sorted((self.kept / "test").glob("*/*/s*"))
@@ -613,6 +613,8 @@ class Study:
             for budget, name, seed in jobs:
                 factor = 1 if budget == "small" else LARGE_FACTOR
                 self.refine_job(self.out / "test" / budget / name / f"s{seed}", by_name[name], configs[name], seed, factor, evaluation)
+                # The first job on a new CPU type evaluated the unrefined model itself: check it now.
+                self.report_agreement()
 
         run([("small", name, seed) for seed in range(self.target.other_seeds) for name in by_name])
         self.ssah_freeze_job(evaluation)
