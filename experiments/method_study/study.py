@@ -269,9 +269,9 @@ class Study:
         (``agree_with_other_cpus``). A config that differs from the next job's
         gives another key and only misses the cache. Returns how many entries it wrote.
         """
-        if self.kept is None or self.dry_run or not (self.aligned / "model.safetensors").is_file():
+        if not self.has_kept_evaluations():
             return 0
-        sources = [job for job in sorted((self.kept / "test").glob("*/*/s*")) if self.ran_on_this_build(job)]
+        sources = [job for job in self.kept_test_jobs() if self.ran_on_this_build(job)]
         befores = [(job, _read(job / "metrics.json")) for job in sources]
         befores = [(job, m) for job, m in befores if "before" in m["models"] and m["config"]["evaluate"].get("cache_dir")]
         if not befores:
@@ -294,7 +294,7 @@ class Study:
     def ran_on_this_build(self, job: Path) -> bool:
         """Whether a kept job ran on this machine's aligned build and (where recorded) its CPU type
         or one whose evaluation of this build was found identical (``agree_with_other_cpus``)."""
-        if not (job / "metrics.json").is_file() or job_build(job) != self.aligned_digest():
+        if job_build(job) != self.aligned_digest():
             return False
         recorded = job_cpu(job)
         here = cpu_description()
@@ -303,19 +303,28 @@ class Study:
     def cpus_agree(self, a: dict, b: dict) -> bool:
         """Whether kept checks found CPUs ``a`` and ``b`` evaluating this build's unrefined model alike
         (at least one comparison, and none that differed)."""
-        checks = json.loads((self.kept / CPU_AGREEMENT).read_text()) if self.kept and (self.kept / CPU_AGREEMENT).is_file() else []
-        verdicts = [c["identical"] for c in checks if c["build"] == self.aligned_digest() and a in c["cpus"] and b in c["cpus"]]
+        verdicts = [c["identical"] for c in self.agreement_checks() if c["build"] == self.aligned_digest() and a in c["cpus"] and b in c["cpus"]]
         return bool(verdicts) and all(verdicts)
 
-    def report_agreement(self) -> None:
+    def has_kept_evaluations(self) -> bool:
+        """Whether kept evaluations can be matched to this machine's build at all."""
+        return self.kept is not None and not self.dry_run and (self.aligned / "model.safetensors").is_file()
+
+    def kept_test_jobs(self) -> list[Path]:
+        """The kept test jobs that finished (have ``metrics.json``)."""
+        return [job for job in sorted((self.kept / "test").glob("*/*/s*")) if (job / "metrics.json").is_file()]
+
+    def agreement_checks(self) -> list[dict]:
+        """The kept CPU agreement checks (``agree_with_other_cpus``), oldest first."""
+        path = None if self.kept is None else self.kept / CPU_AGREEMENT
+        return json.loads(path.read_text()) if path is not None and path.is_file() else []
+
+    def agree(self) -> None:
+        """The ``agree`` phase (also run by ``test``): ``agree_with_other_cpus``, printing each verdict."""
         for check in self.agree_with_other_cpus():
             verdict = "identical" if check["identical"] else "DIFFERENT"
             print(f"the unrefined evaluation on this CPU and {check['compared_with']}'s ({check['cpus'][0]['model']}, "
                   f"L3 {check['cpus'][0]['l3']}): {verdict}", flush=True)
-
-    def agree(self) -> None:
-        """The ``agree`` phase: ``agree_with_other_cpus`` on its own, after a test job ran here."""
-        self.report_agreement()
 
     def agree_with_other_cpus(self) -> list[dict]:
         """Compare this machine's own evaluation of the unrefined build with the kept ones of other CPUs.
@@ -328,16 +337,15 @@ class Study:
         identical, later machines of either CPU type reuse the other's kept evaluations. Only
         whether they match is printed, never a value.
         """
-        if self.kept is None or self.dry_run or not (self.aligned / "model.safetensors").is_file():
+        if not self.has_kept_evaluations():
             return []
         here, digest = cpu_description(), self.aligned_digest()
-        sources = [job for job in sorted((self.kept / "test").glob("*/*/s*"))
-                   if (job / "metrics.json").is_file() and job_build(job) == digest and job_cpu(job) not in (None, here)]
+        sources = [job for job in self.kept_test_jobs() if job_build(job) == digest and job_cpu(job) not in (None, here)]
         if not sources:
             return []
         kept_metrics = [_read(job / "metrics.json") for job in sources]
         found = evaluation_keys([m["config"] for m in kept_metrics], self.aligned, self.code_env())
-        checks = json.loads((self.kept / CPU_AGREEMENT).read_text()) if (self.kept / CPU_AGREEMENT).is_file() else []
+        checks = self.agreement_checks()
         added = []
         for job, metrics, key in zip(sources, kept_metrics, found["keys"]):
             entry = Path(found["cache"]) / f"{key}.json"
@@ -348,7 +356,8 @@ class Study:
                 continue
             added.append({"build": digest, "cpus": [job_cpu(job), here], "compared_with": compared_with,
                           "identical": _comparable(own) == _comparable(metrics["models"]["before"])})
-        (self.kept / CPU_AGREEMENT).write_text(json.dumps(checks + added, indent=1))
+        if added:
+            (self.kept / CPU_AGREEMENT).write_text(json.dumps(checks + added, indent=1))
         return added
 
     def aligned_digest(self) -> str:
@@ -597,7 +606,7 @@ class Study:
 
     def test(self) -> None:
         self.prepare()
-        self.report_agreement()
+        self.agree()
         seeded = self.seed_unrefined_evaluations()
         if seeded:
             print(f"the unrefined model's evaluation, kept from {seeded} earlier job(s) on this build, is in this machine's cache", flush=True)
@@ -614,7 +623,7 @@ class Study:
                 factor = 1 if budget == "small" else LARGE_FACTOR
                 self.refine_job(self.out / "test" / budget / name / f"s{seed}", by_name[name], configs[name], seed, factor, evaluation)
                 # The first job on a new CPU type evaluated the unrefined model itself: check it now.
-                self.report_agreement()
+                self.agree()
 
         run([("small", name, seed) for seed in range(self.target.other_seeds) for name in by_name])
         self.ssah_freeze_job(evaluation)
